@@ -1,0 +1,97 @@
+"""Official LightningDiT-SFD state dicts (spec §1.6) <-> flax params of `sfd_jax.models.dit.LightningDiT`."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+from sfd_jax.convert.common import Rule, flax_from_torch, linear, torch_from_flax
+from sfd_jax.convert.io import ConversionError
+from sfd_jax.models.dit import LightningDiT
+from sfd_jax.models.layers import rope_2d, sincos_2d
+
+# Width of the DINOv2 features each `repa_dino_version` aligns to.
+DINO_WIDTHS = {"dinov2_vits14": 384, "dinov2_vitb14": 768, "dinov2_vitl14": 1024, "dinov2_vitg14": 1536}
+
+# Official constructor arguments that configure training or sampling, not the network.
+_NOT_NETWORK = {"class_dropout_prob", "semfirst_infer_interval_mode", "use_checkpoint"}
+# Official switches sfd_jax implements only in their SFD setting.
+_FIXED = {"learn_sigma": False, "use_qknorm": True, "use_swiglu": True, "use_rope": True, "use_rmsnorm": True,
+          "wo_shift": False}
+
+
+def dit_kwargs(official_kwargs: Mapping, **overrides) -> dict:
+  """`LightningDiT` fields from the official constructor kwargs (a fixture's or yaml's `model_kwargs`)."""
+  kw = dict(official_kwargs)
+  for name, value in _FIXED.items():
+    if name in kw and bool(kw.pop(name)) != value:
+      raise ConversionError(f"sfd_jax implements the SFD LightningDiT ({', '.join(f'{k}={v}' for k, v in _FIXED.items())});"
+                            f" this checkpoint has {name}={official_kwargs[name]}")
+  for name in _NOT_NETWORK:
+    kw.pop(name, None)
+  dino = kw.pop("repa_dino_version", "dinov2_vitb14_reg").removesuffix("_reg")
+  if dino not in DINO_WIDTHS:
+    raise ConversionError(f"unknown repa_dino_version {official_kwargs['repa_dino_version']!r}; "
+                          f"known: {sorted(DINO_WIDTHS)} (with or without _reg)")
+  delta = float(kw.pop("semfirst_delta_t", 0.0))
+  semantic_chans = int(kw.pop("semantic_chans", 0))
+  out = dict(repa_z_dim=DINO_WIDTHS[dino], dual_timestep=delta > 0 and semantic_chans > 0)
+  known = {"input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
+           "num_classes", "use_repa", "repa_depth", "repa_projector_dim"}
+  unknown = set(kw) - known
+  if unknown:
+    raise ConversionError(f"unknown LightningDiT constructor argument(s) {sorted(unknown)}")
+  out.update(kw)
+  out.update(overrides)
+  return out
+
+
+def dit_rules(model: LightningDiT) -> list[Rule]:
+  """One rule per flax parameter of `model`, naming its official tensor."""
+  rules = [Rule(("x_embedder", "kernel"), "x_embedder.proj.weight", "conv"),
+           Rule(("x_embedder", "bias"), "x_embedder.proj.bias"),
+           Rule(("y_embedder", "embedding"), "y_embedder.embedding_table.weight")]
+  for name in (("t_embedder_sem", "t_embedder_tex") if model.dual_timestep else ("t_embedder",)):
+    for i in (0, 2):
+      rules += linear((name, f"mlp_{i}"), f"{name}.mlp.{i}")
+  for i in range(model.depth):
+    f, t = f"blocks_{i}", f"blocks.{i}"
+    rules += [Rule((f, "norm1", "scale"), f"{t}.norm1.weight"), Rule((f, "norm2", "scale"), f"{t}.norm2.weight"),
+              Rule((f, "attn", "q_norm", "scale"), f"{t}.attn.q_norm.weight"),
+              Rule((f, "attn", "k_norm", "scale"), f"{t}.attn.k_norm.weight")]
+    rules += linear((f, "attn", "qkv"), f"{t}.attn.qkv") + linear((f, "attn", "proj"), f"{t}.attn.proj")
+    rules += linear((f, "mlp", "w12"), f"{t}.mlp.w12") + linear((f, "mlp", "w3"), f"{t}.mlp.w3")
+    rules += linear((f, "adaLN_modulation"), f"{t}.adaLN_modulation.1")
+  rules += [Rule(("final_layer", "norm_final", "scale"), "final_layer.norm_final.weight")]
+  rules += linear(("final_layer", "linear"), "final_layer.linear")
+  rules += linear(("final_layer", "adaLN_modulation"), "final_layer.adaLN_modulation.1")
+  if model.use_repa:
+    for i in (0, 2, 4):
+      rules += linear(("repa_projector", f"fc_{i}"), f"repa_projector.{i}")
+  return rules
+
+
+def dit_constants(model: LightningDiT) -> dict:
+  """The fixed tables the official model keeps in its state dict (pos_embed, RoPE buffers)."""
+  cos, sin = rope_2d(model.head_dim, model.grid_size)
+  return {"pos_embed": sincos_2d(model.hidden_size, model.grid_size)[None],
+          "feat_rope.freqs_cos": cos, "feat_rope.freqs_sin": sin}
+
+
+def load_dit(official_kwargs: Mapping, state_dict: Mapping[str, np.ndarray], **overrides):
+  """(model, variables) from official constructor kwargs and an official state dict, strictly.
+
+  `overrides` set sfd_jax-only fields (e.g. `dtype`, `remat_policy`). Raises `ConversionError` naming the first
+  missing, unknown or mis-shaped key.
+  """
+  model = LightningDiT(**dit_kwargs(official_kwargs, **overrides))
+  template = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())
+  params = flax_from_torch(state_dict, dit_rules(model), template["params"], constants=dit_constants(model),
+                           what="LightningDiT checkpoint")
+  return model, {"params": params}
+
+
+def dit_to_torch(model: LightningDiT, variables) -> dict:
+  """The official state dict (numpy, torch layouts and names, fixed tables included) of flax `variables`."""
+  return torch_from_flax(variables["params"], dit_rules(model), dit_constants(model))

@@ -1,0 +1,1 @@
+"""Pure flax.linen modules: no I/O, no globals. NHWC inside."""

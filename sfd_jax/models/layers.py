@@ -1,0 +1,103 @@
+"""Building blocks shared by the SFD networks: norms, SwiGLU, position tables, timestep embedding.
+
+Fixed tables (2-D sin-cos, RoPE) are computed in numpy at trace time: they are constants, not parameters, and
+they reproduce the official float64 (sin-cos) and float32 (RoPE) recipes exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+class RMSNorm(nn.Module):
+  """y = x·rsqrt(mean(x²) + eps) computed in float32, cast back, times a learnable weight (init 1)."""
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def swiglu_hidden(width: int, mlp_ratio: float) -> int:
+  """The official SwiGLU hidden width: int(2/3 · int(width · mlp_ratio))."""
+  return int(2 / 3 * int(width * mlp_ratio))
+
+
+class SwiGLU(nn.Module):
+  """out = w3(silu(a) · b) with [a | b] = w12(x); the state-dict names are `w12` and `w3`."""
+  hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    a, b = jnp.split(dense(2 * self.hidden, "w12")(x), 2, axis=-1)
+    return dense(x.shape[-1], "w3")(nn.silu(a) * b)
+
+
+def modulate(x, shift, scale):
+  """adaLN modulation of token features (B, N, D) by per-sample (B, D) shift and scale."""
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
+  """[cos(t·f) | sin(t·f)], f_k = exp(−ln(max_period)·k/half), always float32; t is the raw time (not ×1000)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+  """MAE 1-D table in float64: [sin(pos·ω) | cos(pos·ω)], ω_k = 10000^(−k/(dim/2))."""
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
+  """MAE 2-D table (grid_size², dim), float32. Channels [0, dim/2) encode the column w, [dim/2, dim) the row h."""
+  h, w = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32), indexing="ij")
+  return np.concatenate([sincos_1d(dim // 2, w), sincos_1d(dim // 2, h)], axis=1).astype(np.float32)
+
+
+def rope_2d(head_dim: int, grid_size: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+  """2-D RoPE tables (cos, sin), each (grid_size², head_dim), float32, as `VisionRotaryEmbeddingFast(head_dim/2)`.
+
+  The first head_dim/2 dims rotate with the row h, the rest with the column w; each frequency covers an
+  adjacent pair of dims (f0, f0, f1, f1, ...).
+  """
+  dim = head_dim // 2
+  freqs = (1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float32)[: dim // 2] / np.float32(dim))).astype(np.float32)
+  pos = (np.arange(grid_size, dtype=np.float32) / np.float32(grid_size) * np.float32(grid_size)).astype(np.float32)
+  f = np.repeat(np.einsum("l,f->lf", pos, freqs), 2, axis=-1)  # (L, dim), interleaved pairs
+  angles = np.concatenate([np.broadcast_to(f[:, None, :], (grid_size, grid_size, dim)),
+                           np.broadcast_to(f[None, :, :], (grid_size, grid_size, dim))], axis=-1)
+  angles = angles.reshape(grid_size * grid_size, head_dim)
+  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x, cos, sin):
+  """x·cos + rot(x)·sin with rot pairing adjacent dims: rot(x)[2i] = −x[2i+1], rot(x)[2i+1] = x[2i].
+
+  x: (B, N, heads, head_dim); cos, sin: (N, head_dim).
+  """
+  pairs = x.reshape(*x.shape[:-1], -1, 2)
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  cos = jnp.asarray(cos, x.dtype)[:, None, :]
+  sin = jnp.asarray(sin, x.dtype)[:, None, :]
+  return x * cos + rotated * sin

@@ -1,0 +1,40 @@
+"""Golden fixture lookup (`$SFD_GOLDEN_DIR`, default ../shared/golden) and layout helpers."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def golden_path(name: str) -> Path:
+  """The directory of one golden fixture set; a missing one fails under CI=true and skips otherwise."""
+  root = Path(os.environ.get("SFD_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+  path = root / name
+  if not path.is_dir():
+    message = f"golden fixtures {path} not found (set $SFD_GOLDEN_DIR)"
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(message)
+    pytest.skip(message)
+  return path
+
+
+def load_golden(name: str):
+  """(config dict, {npz file stem: {key: array}}) of one golden fixture set."""
+  path = golden_path(name)
+  config = json.loads((path / "config.json").read_text())
+  arrays = {}
+  for f in sorted(path.glob("*.npz")):
+    with np.load(f) as z:
+      arrays[f.stem] = {k: z[k] for k in z.files}
+  return config, arrays
+
+
+def nchw_to_nhwc(x):
+  return np.moveaxis(np.asarray(x), 1, -1)
+
+
+def nhwc_to_nchw(x):
+  return np.moveaxis(np.asarray(x), -1, 1)
