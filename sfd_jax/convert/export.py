@@ -1,0 +1,71 @@
+"""Exported models: a directory with `model.json` (the module class and its fields) and an orbax `params` tree.
+
+This is what `python -m sfd_jax.cli.convert` writes from an official file and what the sampler reads; a
+training checkpoint's EMA weights can be exported the same way. Restoring can place the params on any sharding.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from sfd_jax.models.dit import LightningDiT
+
+MODEL_CLASSES = {"LightningDiT": LightningDiT}
+
+
+def _classes():
+  # Imported lazily so that this module works while optional model modules are absent.
+  from sfd_jax.models import texture_vae
+  return {**MODEL_CLASSES, "AutoencoderKL": texture_vae.AutoencoderKL}
+
+
+def model_fields(model) -> dict:
+  """The JSON-able constructor fields of a flax module (dtype stored by name)."""
+  fields = {}
+  for name in model.__dataclass_fields__:
+    if name in ("parent", "name"):
+      continue
+    value = getattr(model, name)
+    if name == "dtype":
+      value = jnp.dtype(value).name
+    fields[name] = list(value) if isinstance(value, tuple) else value
+  return fields
+
+
+def save_model(path, model, variables, extra: dict | None = None) -> Path:
+  """Writes `model.json` and the params (orbax) under `path`; refuses to overwrite an existing export."""
+  path = Path(path).absolute()
+  if (path / "model.json").exists():
+    raise FileExistsError(f"{path} already holds an exported model; choose another output directory")
+  path.mkdir(parents=True, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path / "params", variables["params"])
+  checkpointer.wait_until_finished()
+  meta = {"class": type(model).__name__, "fields": model_fields(model), **(extra or {})}
+  (path / "model.json").write_text(json.dumps(meta, indent=1))
+  return path
+
+
+def load_model(path, sharding=None, **overrides):
+  """(model, variables, meta) of an exported model; `sharding` (a Sharding or a tree of them) places the params."""
+  path = Path(path).absolute()
+  if not (path / "model.json").exists():
+    raise FileNotFoundError(f"{path} is not an exported model (no model.json); "
+                            "make one with `python -m sfd_jax.cli.convert`")
+  meta = json.loads((path / "model.json").read_text())
+  classes = _classes()
+  if meta["class"] not in classes:
+    raise ValueError(f"{path}: unknown model class {meta['class']!r}")
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["fields"].items()}
+  model = classes[meta["class"]](**{**fields, **overrides})
+  abstract = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
+  if sharding is not None:
+    shardings = sharding if not isinstance(sharding, jax.sharding.Sharding) else jax.tree.map(lambda _: sharding,
+                                                                                               abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  params = ocp.StandardCheckpointer().restore(path / "params", abstract)
+  return model, {"params": params}, meta

@@ -1,0 +1,1 @@
+"""Image sources, latent datasets and extraction."""

@@ -1,0 +1,1 @@
+"""SFD time sampling, objective and three-phase sampler: pure functions of params, batch and rng."""

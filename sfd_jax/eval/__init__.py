@@ -1,0 +1,1 @@
+"""FID, sFID, Inception Score and precision/recall against ADM reference batches."""

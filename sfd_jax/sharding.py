@@ -1,0 +1,125 @@
+"""Meshes, sharding rules and multi-host batches: the ground floor that training, data, sampling and eval share.
+
+Every mesh has the axes ('data', 'fsdp') with `AxisType.Auto`. Batches are split over both axes (all devices);
+parameters are sharded over 'fsdp' by regex rules (see `param_shardings`). The same code runs on one CPU, eight
+fake CPU devices, a GPU, and a TPU pod.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import flax
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # a batch is split over every device
+
+
+class ShardingError(ValueError):
+  """A mesh or batch layout that cannot work on the devices present."""
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp') mesh over all devices; one of the two sizes may be -1 (fill with what is left)."""
+  devices = list(devices if devices is not None else jax.devices())
+  n = len(devices)
+  if data == -1 and fsdp == -1:
+    raise ShardingError("mesh: at most one of data and fsdp may be -1")
+  if data == -1 or fsdp == -1:
+    known = fsdp if data == -1 else data
+    if known <= 0 or n % known:
+      raise ShardingError(f"mesh: {n} devices cannot be split into groups of {known}; "
+                          f"set mesh.data and mesh.fsdp so that data × fsdp = {n}")
+    data, fsdp = (n // known, known) if data == -1 else (known, n // known)
+  if data * fsdp != n or data <= 0 or fsdp <= 0:
+    raise ShardingError(f"mesh: data {data} × fsdp {fsdp} = {data * fsdp} does not match the {n} devices "
+                        f"present; set mesh.data and mesh.fsdp so that their product is {n} (or one of them to -1)")
+  return jax.make_mesh((data, fsdp), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Leading axis split over every device, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def check_batch_size(mesh: Mesh, global_batch: int, what: str = "batch_size") -> int:
+  """The per-process batch; a global batch that the mesh cannot split evenly stops with what to change."""
+  n = mesh.devices.size
+  if global_batch % n:
+    raise ShardingError(f"{what} {global_batch} is not divisible by the {n} devices of the mesh; "
+                        f"use a multiple of {n}")
+  return global_batch // jax.process_count()
+
+
+def shard_batch(mesh: Mesh, local_batch):
+  """Per-process numpy arrays (this host's rows) → global jax arrays split over the batch axes."""
+  def put(x):
+    x = np.asarray(x)
+    global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, global_shape)
+  return jax.tree.map(put, local_batch)
+
+
+def to_host(tree):
+  """Global jax arrays → full numpy arrays on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def host_rows(mesh: Mesh, global_batch: int) -> slice:
+  """The rows of a global batch that this process feeds (its devices' shards, in order)."""
+  local = check_batch_size(mesh, global_batch)
+  start = jax.process_index() * local
+  return slice(start, start + local)
+
+
+def spec_for(path: str, shape: tuple[int, ...], rules: Sequence[tuple[str, Sequence]], mesh: Mesh,
+             min_size: int = 2 ** 14) -> P:
+  """The PartitionSpec of one parameter: the first regex rule that matches `path` wins.
+
+  A rule's spec is a tuple with one entry per dimension (None, an axis name, or 'fsdp_largest': the largest
+  dimension divisible by the fsdp size). Tensors smaller than `min_size` elements are replicated.
+  """
+  if math.prod(shape) < min_size:
+    return P()
+  for pattern, spec in rules:
+    if re.search(pattern, path):
+      if tuple(spec) == ("fsdp_largest",):
+        return _largest_divisible(shape, mesh.shape["fsdp"])
+      if len(spec) != len(shape):
+        raise ShardingError(f"sharding rule {pattern!r} gives {len(spec)} axes for {path} of shape {shape}")
+      for name, dim in zip(spec, shape):
+        if name is not None and dim % mesh.shape[name]:
+          raise ShardingError(f"sharding rule {pattern!r}: dimension {dim} of {path} is not divisible by "
+                              f"mesh axis {name!r} of size {mesh.shape[name]}")
+      return P(*spec)
+  return P()
+
+
+def _largest_divisible(shape, n: int) -> P:
+  if n == 1:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % n == 0:
+      return P(*[("fsdp" if d == dim else None) for d in range(len(shape))])
+  return P()
+
+
+DEFAULT_RULES = ((".*", ("fsdp_largest",)),)
+
+
+def param_shardings(mesh: Mesh, params, rules=DEFAULT_RULES, min_size: int = 2 ** 14):
+  """A NamedSharding per leaf of `params` (arrays or ShapeDtypeStructs) from the regex `rules`."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+  specs = {k: NamedSharding(mesh, spec_for(k, tuple(v.shape), rules, mesh, min_size)) for k, v in flat.items()}
+  return flax.traverse_util.unflatten_dict(specs, sep="/")

@@ -1,0 +1,1 @@
+"""Training machinery: state, jitted steps, checkpoints, loop, metrics."""
