@@ -61,6 +61,8 @@ def load_model(path, sharding=None, **overrides):
   if meta["class"] not in classes:
     raise ValueError(f"{path}: unknown model class {meta['class']!r}")
   fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["fields"].items()}
+  if "dtype" in fields:
+    fields["dtype"] = jnp.dtype(fields["dtype"])
   model = classes[meta["class"]](**{**fields, **overrides})
   abstract = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
   if sharding is not None:

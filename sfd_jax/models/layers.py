@@ -69,9 +69,10 @@ def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
   return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
-  """MAE 2-D table (grid_size², dim), float32. Channels [0, dim/2) encode the column w, [dim/2, dim) the row h."""
-  h, w = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32), indexing="ij")
+def sincos_2d(dim: int, grid_size: int, grid_width: int | None = None) -> np.ndarray:
+  """MAE 2-D table (h·w, dim), float32, row-major. Channels [0, dim/2) encode the column w, [dim/2, dim) the row h."""
+  width = grid_size if grid_width is None else grid_width
+  h, w = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(width, dtype=np.float32), indexing="ij")
   return np.concatenate([sincos_1d(dim // 2, w), sincos_1d(dim // 2, h)], axis=1).astype(np.float32)
 
 
@@ -101,3 +102,13 @@ def apply_rope(x, cos, sin):
   cos = jnp.asarray(cos, x.dtype)[:, None, :]
   sin = jnp.asarray(sin, x.dtype)[:, None, :]
   return x * cos + rotated * sin
+
+
+def posterior_std(logvar):
+  """exp(logvar / 2), the standard deviation of a diagonal Gaussian posterior."""
+  return jnp.exp(0.5 * logvar)
+
+
+def posterior_sample(mean, logvar, rng):
+  """The reparameterised sample mean + std·ε, ε ~ N(0, I) (what the official texture extraction stores)."""
+  return mean + posterior_std(logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
