@@ -49,7 +49,7 @@ def _torch_load(path: Path, trust_pickle: bool):
   try:
     return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
   except Exception as e:  # torch raises UnpicklingError, RuntimeError or others depending on the damage.
-    if not trust_pickle and "weights_only" in str(e):
+    if not trust_pickle and "Unsupported global" in str(e):
       raise ConversionError(
           f"{path} holds Python objects besides tensors, which torch.load(weights_only=True) refuses to run; "
           "if you trust this file, load it with trust_pickle=True (CLI: --trust_pickle)") from e
