@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sfd_jax.cli import convert
+from sfd_jax.convert import files as convert
 from sfd_jax.convert import export
 from tests.golden import load_golden, nchw_to_nhwc
 
@@ -72,3 +72,19 @@ def test_bad_checkpoint_is_one_clear_error(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().startswith("error: cannot read") and "Traceback" not in result.stderr
   assert not (tmp_path / "out").exists()
+
+
+def test_dinov2_hugging_face_directory(tmp_path):
+  from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+  torch.manual_seed(0)
+  config = Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     num_register_tokens=4, patch_size=14, image_size=28)
+  reference = Dinov2WithRegistersModel(config).eval()
+  reference.save_pretrained(tmp_path / "hf")
+  out = convert.convert_to_flax("dinov2", str(tmp_path / "hf"), str(tmp_path / "dino"))
+  model, variables, _ = export.load_model(out)
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 28, 28, 3)).astype(np.float32)
+  ours = jax.jit(model.apply)(variables, images)["patch_tokens"]
+  with torch.no_grad():
+    theirs = reference(torch.tensor(images).permute(0, 3, 1, 2)).last_hidden_state[:, 1 + 4:]
+  np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5)

@@ -12,15 +12,12 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from sfd_jax.models.dinov2 import DINOv2
 from sfd_jax.models.dit import LightningDiT
+from sfd_jax.models.semvae import SemVAE
+from sfd_jax.models.texture_vae import AutoencoderKL
 
-MODEL_CLASSES = {"LightningDiT": LightningDiT}
-
-
-def _classes():
-  # Imported lazily so that this module works while optional model modules are absent.
-  from sfd_jax.models import texture_vae
-  return {**MODEL_CLASSES, "AutoencoderKL": texture_vae.AutoencoderKL}
+MODEL_CLASSES = {cls.__name__: cls for cls in (LightningDiT, AutoencoderKL, DINOv2, SemVAE)}
 
 
 def model_fields(model) -> dict:
@@ -57,13 +54,12 @@ def load_model(path, sharding=None, **overrides):
     raise FileNotFoundError(f"{path} is not an exported model (no model.json); "
                             "make one with `python -m sfd_jax.cli.convert`")
   meta = json.loads((path / "model.json").read_text())
-  classes = _classes()
-  if meta["class"] not in classes:
+  if meta["class"] not in MODEL_CLASSES:
     raise ValueError(f"{path}: unknown model class {meta['class']!r}")
   fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["fields"].items()}
   if "dtype" in fields:
     fields["dtype"] = jnp.dtype(fields["dtype"])
-  model = classes[meta["class"]](**{**fields, **overrides})
+  model = MODEL_CLASSES[meta["class"]](**{**fields, **overrides})
   abstract = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
   if sharding is not None:
     shardings = sharding if not isinstance(sharding, jax.sharding.Sharding) else jax.tree.map(lambda _: sharding,

@@ -35,7 +35,7 @@ def load_state_dict(path, *, trust_pickle: bool = False) -> dict:
   except (OSError, ValueError, zipfile.BadZipFile) as e:
     raise ConversionError(f"cannot read {path}: it is corrupt or not a {suffix} file ({e})") from e
   if suffix in TORCH_SUFFIXES:
-    return _to_numpy(_torch_load(path, trust_pickle))
+    return to_numpy(_torch_load(path, trust_pickle))
   raise ConversionError(f"unknown weight file type {suffix!r} for {path}; use .npz, .safetensors, "
                         f"or a torch file ({', '.join(TORCH_SUFFIXES)})")
 
@@ -56,7 +56,7 @@ def _torch_load(path: Path, trust_pickle: bool):
     raise ConversionError(f"cannot read {path}: it is corrupt or not a torch file ({type(e).__name__}: {e})") from e
 
 
-def _to_numpy(obj):
+def to_numpy(obj):
   """Recursively turns torch tensors into numpy arrays (bf16 becomes fp32, which is lossless)."""
   if hasattr(obj, "detach") and hasattr(obj, "dtype"):
     t = obj.detach().cpu()
@@ -64,9 +64,9 @@ def _to_numpy(obj):
       t = t.float()
     return t.numpy()
   if isinstance(obj, Mapping):
-    return {k: _to_numpy(v) for k, v in obj.items()}
+    return {k: to_numpy(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
-    return type(obj)(_to_numpy(v) for v in obj)
+    return type(obj)(to_numpy(v) for v in obj)
   return obj
 
 

@@ -1,0 +1,76 @@
+"""Official files → exported sfd_jax models and stats.json, and exported models → official state dicts.
+
+The logic behind `python -m sfd_jax.cli.convert`, importable without its flags.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sfd_jax.convert import export
+from sfd_jax.convert.dinov2 import dinov2_to_hf, load_dinov2
+from sfd_jax.convert.dit import dit_to_torch, load_dit, official_sfd_kwargs
+from sfd_jax.convert.io import load_state_dict, select_state_dict
+from sfd_jax.convert.texture_vae import load_texture_vae, texture_vae_to_torch
+
+SD_VAE_F16D32 = dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], dropout=0.0,
+                     resamp_with_conv=True, in_channels=3, resolution=256, z_channels=32, double_z=True, out_ch=3)
+
+
+def convert_to_flax(kind: str, checkpoint: str, out: str, preset: str = "XL", model_kwargs: dict | None = None,
+                    embed_dim: int = 32, semantic_stats: str | None = None, trust_pickle: bool = False) -> Path:
+  """Reads an official file and writes its sfd_jax form; returns the path written."""
+  if kind == "dinov2":  # a Hugging Face directory or a facebookresearch/HF weight file
+    model, variables = load_dinov2(checkpoint, trust_pickle=trust_pickle)
+    return export.save_model(out, model, variables, extra={"source": str(Path(checkpoint).absolute())})
+  raw = load_state_dict(checkpoint, trust_pickle=trust_pickle)
+  if kind == "stats":
+    return write_stats(raw, load_state_dict(semantic_stats, trust_pickle=trust_pickle) if semantic_stats else None,
+                       out, sources=[checkpoint, semantic_stats])
+  if kind == "dit":
+    kwargs = model_kwargs or official_sfd_kwargs(preset)
+    model, variables = load_dit(kwargs, select_state_dict(raw))
+  else:
+    model, variables = load_texture_vae(model_kwargs or SD_VAE_F16D32, embed_dim, raw)
+    kwargs = {"encoder_decoder_kwargs": model_kwargs or SD_VAE_F16D32, "embed_dim": embed_dim}
+  return export.save_model(out, model, variables, extra={"source": str(Path(checkpoint).absolute()),
+                                                         "official_kwargs": kwargs})
+
+
+def write_stats(texture: dict, semantic: dict | None, out: str, sources) -> Path:
+  """Official `{'mean','std'}` (1,C,1,1) stats files → the stats.json of the latent dataset format."""
+  stats = {"texture": _channel_stats(texture, "texture")}
+  if semantic is not None:
+    stats["semantic"] = _channel_stats(semantic, "semantic")
+  stats["source"] = [str(s) for s in sources if s]
+  path = Path(out)
+  if path.exists():
+    raise FileExistsError(f"{path} exists; choose another output file")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(stats, indent=1))
+  return path
+
+
+def _channel_stats(raw: dict, what: str) -> dict:
+  if "mean" not in raw or "std" not in raw:
+    raise ValueError(f"the {what} stats file must hold 'mean' and 'std' tensors, found {sorted(raw)}")
+  return {"mean": np.asarray(raw["mean"], np.float64).reshape(-1).tolist(),
+          "std": np.asarray(raw["std"], np.float64).reshape(-1).tolist()}
+
+
+def convert_to_torch(exported: str, out: str) -> Path:
+  """An exported model → official state dict in a .pt (torch) or .npz file."""
+  model, variables, meta = export.load_model(exported)
+  to_torch = {"LightningDiT": dit_to_torch, "AutoencoderKL": texture_vae_to_torch, "DINOv2": dinov2_to_hf}
+  state_dict = to_torch[meta["class"]](model, variables)
+  path = Path(out)
+  if path.exists():
+    raise FileExistsError(f"{path} exists; choose another output file")
+  if path.suffix == ".npz":
+    np.savez(path, **state_dict)
+  else:
+    import torch
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}, path)
+  return path
