@@ -87,13 +87,16 @@ def spec_for(path: str, shape: tuple[int, ...], rules: Sequence[tuple[str, Seque
              min_size: int = 2 ** 14) -> P:
   """The PartitionSpec of one parameter: the first regex rule that matches `path` wins.
 
-  A rule's spec is a tuple with one entry per dimension (None, an axis name, or 'fsdp_largest': the largest
-  dimension divisible by the fsdp size). Tensors smaller than `min_size` elements are replicated.
+  A rule's spec is a tuple with one entry per dimension (None or an axis name), `()` (replicate), or
+  `("fsdp_largest",)`: the largest dimension divisible by the fsdp size. Tensors smaller than `min_size`
+  elements are replicated.
   """
   if math.prod(shape) < min_size:
     return P()
   for pattern, spec in rules:
     if re.search(pattern, path):
+      if tuple(spec) == ():
+        return P()
       if tuple(spec) == ("fsdp_largest",):
         return _largest_divisible(shape, mesh.shape["fsdp"])
       if len(spec) != len(shape):
@@ -115,7 +118,8 @@ def _largest_divisible(shape, n: int) -> P:
   return P()
 
 
-DEFAULT_RULES = ((".*", ("fsdp_largest",)),)
+# Vectors (biases, norm scales) replicated; every matrix sharded over 'fsdp' along its largest dimension.
+DEFAULT_RULES = ((r"(bias|scale)$", ()), (".*", ("fsdp_largest",)))
 
 
 def param_shardings(mesh: Mesh, params, rules=DEFAULT_RULES, min_size: int = 2 ** 14):

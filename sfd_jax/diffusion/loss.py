@@ -1,0 +1,98 @@
+"""The SFD objective (spec §2.2): weighted velocity MSE + cosine velocity loss + REPA, as the official
+`Transport.training_losses` and `train.py` compute it.
+
+`loss_terms` takes every random draw as an argument (for parity with the official code); `sfd_loss` draws them
+per sample from `fold_in(rng, sample position)`, so a sample's noise, time and label drop do not depend on how the
+batch is split over devices or micro-batches.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sfd_jax.diffusion.time import interpolate, sample_base_time, stretch
+
+REPA_MODES = ("cos", "mse", "cos_mse")
+
+
+def _norm_clamped(x, eps):
+  """‖x‖ over the last axis, clamped below at eps in value only, as torch's `cosine_similarity` (its clamp runs
+  under no_grad); the norm's gradient is 0 at x = 0 as torch's. A zero velocity (every fresh model outputs
+  one) thus gets the finite gradient the official code gets, not NaN."""
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  norm = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+  return norm + jax.lax.stop_gradient(jnp.maximum(norm, eps) - norm)
+
+
+def cosine_similarity(a, b, eps: float = 1e-8):
+  """Cosine similarity over the last axis: sum((a / max(‖a‖, eps)) · (b / max(‖b‖, eps))), as torch."""
+  return jnp.sum((a / _norm_clamped(a, eps)) * (b / _norm_clamped(b, eps)), axis=-1)
+
+
+def repa_loss(z, dino, mode: str = "cos"):
+  """Per-sample alignment of projected hidden states z (B, N, D) with DINO tokens (B, N, D).
+
+  'cos' (official default): mean over tokens of 1 − cos; 'mse': mean squared error over tokens and channels;
+  'cos_mse': their sum (the paper's best ablation, Table 16).
+  """
+  if mode not in REPA_MODES:
+    raise ValueError(f"repa_mode {mode!r} is not one of {REPA_MODES}")
+  cos = jnp.mean(1.0 - cosine_similarity(z, dino), axis=-1)
+  mse = jnp.mean((z - dino) ** 2, axis=(1, 2))
+  return {"cos": cos, "mse": mse, "cos_mse": cos + mse}[mode]
+
+
+def loss_terms(apply_fn, params, x1, x0, t, y, drop_mask, dino, *, delta_t, semantic_weight, repa_weight,
+               num_classes, use_cosine_loss=True, repa_mode="cos", semantic_channels=16):
+  """The official loss for fixed draws.
+
+  apply_fn(params, x, t_tex, t_sem, y, return_repa=True) -> (v, z); x1, x0 NHWC; dino (B, N, D) or None when
+  repa_weight is 0; t (B,) base time before the stretch; drop_mask (B,) bool, True = label → num_classes.
+  Returns per-sample `mse`, `cos`, `repa` (B,) and the scalar `total` = mean(mse) + mean(cos) + mean(repa).
+  """
+  t_tex, t_sem = stretch(t, delta_t)
+  x_t = interpolate(x1, x0, t_tex, t_sem, semantic_channels)
+  target = x1 - x0
+  labels = jnp.where(drop_mask, num_classes, y)
+  use_repa = repa_weight != 0
+  if use_repa:
+    v, z = apply_fn(params, x_t, t_tex, t_sem, labels, return_repa=True)
+  else:
+    v = apply_fn(params, x_t, t_tex, t_sem, labels)
+  weights = jnp.where(jnp.arange(x1.shape[-1]) >= x1.shape[-1] - semantic_channels, semantic_weight, 1.0)
+  mse = jnp.mean(weights * (v - target) ** 2, axis=(1, 2, 3))
+  zeros = jnp.zeros_like(mse)
+  cos = jnp.mean(1.0 - cosine_similarity(v, target), axis=(1, 2)) if use_cosine_loss else zeros
+  repa = repa_weight * repa_loss(z, dino.astype(z.dtype), repa_mode) if use_repa else zeros
+  total = jnp.mean(mse) + jnp.mean(cos) + jnp.mean(repa)
+  return {"mse": mse, "cos": cos, "repa": repa, "total": total, "t_tex": t_tex, "t_sem": t_sem}
+
+
+def sample_draws(rng, positions, x_shape, cfg):
+  """Per-sample (x0, t, drop_mask), each from `fold_in(rng, position)`: independent of how the batch is split."""
+  def one(position):
+    k_noise, k_time, k_drop = jax.random.split(jax.random.fold_in(rng, position), 3)
+    x0 = jax.random.normal(k_noise, x_shape[1:], jnp.float32)
+    t = sample_base_time(k_time, (), cfg.time_sampling, cfg.logit_mean, cfg.logit_std)
+    drop = jax.random.uniform(k_drop, ()) < cfg.class_dropout
+    return x0, t, drop
+  return jax.vmap(one)(positions)
+
+
+def sfd_loss(apply_fn, params, batch, rng, cfg, num_classes: int, positions=None):
+  """(total, metrics) of one batch {'x': (B,H,W,C) normalised latents, 'y': (B,), 'dino': (B,N,D) optional}.
+
+  `cfg` is the `loss` config (delta_t, semantic_weight, ...); `positions` are the samples' indices within the
+  global batch (default arange(B)), which seed their draws.
+  """
+  x1 = batch["x"].astype(jnp.float32)
+  if positions is None:
+    positions = jnp.arange(x1.shape[0])
+  x0, t, drop = sample_draws(rng, positions, x1.shape, cfg)
+  terms = loss_terms(apply_fn, params, x1, x0, t, batch["y"], drop, batch.get("dino"), delta_t=cfg.delta_t,
+                     semantic_weight=cfg.semantic_weight, repa_weight=cfg.repa_weight, num_classes=num_classes,
+                     use_cosine_loss=cfg.use_cosine_loss, repa_mode=cfg.repa_mode,
+                     semantic_channels=cfg.semantic_channels)
+  metrics = {f"loss_{k}": jnp.mean(terms[k]) for k in ("mse", "cos", "repa")}
+  metrics["loss"] = terms["total"]
+  return terms["total"], metrics

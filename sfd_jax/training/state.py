@@ -1,0 +1,72 @@
+"""The train state (params, EMA params, optimiser state, step, rng), its optimiser, and its born-sharded creation."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sfd_jax import sharding as shd
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array        # int32 scalar: updates applied so far
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array         # raw uint32 key data (checkpointable); wrap with jax.random.wrap_key_data
+
+
+def lr_schedule(optim) -> optax.Schedule:
+  """Linear warmup from 0, then constant, or constant for `constant_steps` and a cosine to `end_lr` after."""
+  warmup = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps) if optim.warmup_steps else None
+  if optim.schedule == "constant":
+    main = optax.constant_schedule(optim.lr)
+    if warmup is None:
+      return main
+    return optax.join_schedules([warmup, main], [optim.warmup_steps])
+  if optim.schedule == "cosine":
+    if optim.decay_steps <= 0:
+      raise ValueError("optim.schedule='cosine' needs optim.decay_steps > 0 (the length of the cosine)")
+    pieces = [optax.constant_schedule(optim.lr), optax.cosine_decay_schedule(
+        optim.lr, optim.decay_steps, alpha=optim.end_lr / optim.lr)]
+    boundaries = [optim.warmup_steps + optim.constant_steps]
+    if warmup is not None:
+      pieces, boundaries = [warmup] + pieces, [optim.warmup_steps] + boundaries
+    return optax.join_schedules(pieces, boundaries)
+  raise ValueError(f"optim.schedule {optim.schedule!r} is not one of ('constant', 'cosine')")
+
+
+def make_optimizer(optim) -> optax.GradientTransformation:
+  """AdamW on the schedule, after optional global-norm clipping (official: none)."""
+  adamw = optax.adamw(lr_schedule(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                      weight_decay=optim.weight_decay)
+  if optim.max_grad_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(optim.max_grad_norm), adamw)
+  return adamw
+
+
+def state_shardings(mesh: Mesh, abstract_state: TrainState, tx, sharding_cfg) -> TrainState:
+  """Where each part of the state lives: params and EMA by the regex rules, optimiser moments like their
+  params, everything else (counts, step, rng) replicated."""
+  params = shd.param_shardings(mesh, abstract_state.params, sharding_cfg.rules, sharding_cfg.min_size)
+  replicated = NamedSharding(mesh, P())
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, params,
+                              transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=params, ema_params=params, opt_state=opt, rng=replicated)
+
+
+def create_train_state(model, tx, mesh: Mesh, sharding_cfg, rng) -> tuple[TrainState, TrainState]:
+  """(state, shardings): a fresh state created directly on its shardings (no full copy on one device)."""
+  def init(key):
+    params = model.init(key, *model.dummy_inputs())["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
+                      opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+  abstract = jax.eval_shape(init, rng)
+  shardings = state_shardings(mesh, abstract, tx, sharding_cfg)
+  return jax.jit(init, out_shardings=shardings)(rng), shardings

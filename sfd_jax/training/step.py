@@ -1,0 +1,82 @@
+"""The jitted SFD train step: loss and gradients (optionally over micro-batches), AdamW, EMA, metrics.
+
+The step is a pure function of (state, batch); it is jitted with the state's shardings in and out, the batch
+split over every device, and the state donated. A non-finite loss or gradient never reaches the params: the
+update is skipped inside the step and `metrics['finite']` reports it, so the loop can stop or go on.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sfd_jax import sharding as shd
+from sfd_jax.diffusion.loss import sfd_loss
+from sfd_jax.training.state import TrainState, lr_schedule
+
+
+def _micro_batches(tree, n: int):
+  """(B, ...) → (n, B/n, ...), micro-batch i holding rows i, i+n, ...: each one spread over every device."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), tree)
+
+
+def loss_and_grads(loss_fn: Callable, params, batch, rng, accum_steps: int):
+  """Mean loss, metrics and gradients over the batch, in `accum_steps` sequential micro-batches.
+
+  loss_fn(params, batch, rng, positions) -> (loss, metrics); positions are the rows' indices in the batch, so
+  the random draws (and hence the result) do not depend on the micro-batch split.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  positions = jnp.arange(jax.tree.leaves(batch)[0].shape[0])
+  if accum_steps == 1:
+    (_, metrics), grads = grad_fn(params, batch, rng, positions)
+    return metrics, grads
+
+  def accumulate(carry, micro):
+    (_, metrics), grads = grad_fn(params, micro[0], rng, micro[1])
+    return jax.tree.map(jnp.add, carry, (metrics, grads)), None
+
+  micro = _micro_batches((batch, positions), accum_steps)
+  first = jax.tree.map(lambda x: x[0], micro)
+  (_, metrics_shape), grads_shape = jax.eval_shape(grad_fn, params, first[0], rng, first[1])
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (metrics_shape, grads_shape))
+  (metrics, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+  return jax.tree.map(lambda x: x / accum_steps, (metrics, grads))
+
+
+def train_step(state: TrainState, batch, *, model, tx, cfg):
+  """One optimiser update of the SFD objective; returns (new state, metrics)."""
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+  def loss_fn(params, b, key, positions):
+    return sfd_loss(model.apply, {"params": params}, b, key, cfg.loss, cfg.model.num_classes, positions)
+
+  metrics, grads = loss_and_grads(loss_fn, state.params, batch, rng, cfg.optim.grad_accum_steps)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = cfg.optim.ema_decay
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            ema_params=keep(ema, state.ema_params), opt_state=keep(opt_state, state.opt_state))
+  metrics.update(grad_norm=grad_norm, param_norm=optax.global_norm(new_state.params),
+                 update_norm=optax.global_norm(updates), lr=lr_schedule(cfg.optim)(state.step),
+                 finite=finite)
+  return new_state, metrics
+
+
+def make_train_step(model, tx, cfg, mesh: Mesh, shardings: TrainState):
+  """`train_step` jitted for `mesh`: state in/out on `shardings` (donated), batch rows over all devices."""
+  if cfg.batch_size % (mesh.devices.size * cfg.optim.grad_accum_steps):
+    raise shd.ShardingError(
+        f"batch_size {cfg.batch_size} must be divisible by the {mesh.devices.size} devices × "
+        f"{cfg.optim.grad_accum_steps} micro-batches (optim.grad_accum_steps); change one of them")
+  step = lambda state, batch: train_step(state, batch, model=model, tx=tx, cfg=cfg)
+  return jax.jit(step, in_shardings=(shardings, shd.batch_sharding(mesh)),
+                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)

@@ -1,0 +1,23 @@
+"""A tiny SFD training setup shared by the train-step tests (in-process and in subprocesses)."""
+import numpy as np
+
+from sfd_jax.training import config as config_lib
+
+
+def tiny_config(batch_size: int = 8, **optim):
+  cfg = config_lib.base_config()
+  cfg.model = config_lib.model_config("S", input_size=4, hidden_size=64, depth=1, num_heads=2, num_classes=10,
+                                      repa_depth=1, repa_projector_dim=32, repa_z_dim=16)
+  cfg.batch_size = batch_size
+  cfg.sharding.min_size = 64  # shard even tiny tensors, so the rules are exercised
+  cfg.optim.update(optim)
+  return cfg
+
+
+def tiny_batch(cfg, seed: int = 0):
+  """A global batch of normalised latents, labels and DINO tokens (numpy)."""
+  rng = np.random.default_rng(seed)
+  n, size, tokens = cfg.batch_size, cfg.model.input_size, (cfg.model.input_size // cfg.model.patch_size) ** 2
+  return {"x": rng.normal(size=(n, size, size, cfg.model.in_channels)).astype(np.float32),
+          "y": rng.integers(0, cfg.model.num_classes, n).astype(np.int32),
+          "dino": rng.normal(size=(n, tokens, cfg.model.repa_z_dim)).astype(np.float32)}
