@@ -204,6 +204,21 @@ class LightningDiT(nn.Module):
     v = out.reshape(b, g, g, p, p, self.in_channels).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, self.in_channels)
     return (v, z) if return_repa else v
 
+  def forward_flops(self, with_repa: bool = True) -> int:
+    """Model FLOPs of one forward pass for one sample (a multiply-add counts 2), for throughput and MFU.
+
+    Training costs 3× this (forward + backward); rematerialisation adds compute but not model FLOPs.
+    """
+    n, d, c = self.grid_size ** 2, self.hidden_size, self.in_channels
+    f, p = swiglu_hidden(d, self.mlp_ratio), self.patch_size
+    block = 2 * d * 6 * d + 2 * n * d * (3 * d + d + 3 * f) + 2 * 2 * n * n * d
+    flops = 2 * n * c * p * p * d + self.depth * block + 2 * d * 2 * d + 2 * n * d * p * p * c
+    flops += 2 * 2 * (256 * d // 2 + (d // 2) ** 2) if self.dual_timestep else 2 * (256 * d + d * d)
+    if self.use_repa and with_repa:
+      q = self.repa_projector_dim
+      flops += 2 * n * (d * q + q * q + q * self.repa_z_dim)
+    return flops
+
   def dummy_inputs(self, batch: int = 1):
     """Arguments for `init` / `jax.eval_shape`."""
     x = jnp.zeros((batch, self.input_size, self.input_size, self.in_channels), jnp.float32)

@@ -1,0 +1,141 @@
+"""Train-step throughput of sfd_jax, and of the official-architecture PyTorch step on the same machine.
+
+  python benchmarks/train_step.py --config=configs/sfd_xl.py:S --config.batch_size=8 --steps=5
+  python benchmarks/train_step.py --config=configs/sfd_xl.py --config.batch_size=256 \
+      --config.model.dtype=bfloat16 --config.model.remat_policy=dots_saveable --torch=false
+
+Compiles, warms up, then times `--steps` steps and reports images/s, step time, model FLOPs per image (3× the
+forward FLOPs counted from the config), MFU where the device's peak is known, and peak memory. The torch step
+(benchmarks/torch_reference.py, checked against golden/dit_tiny first when the fixtures are found) runs the
+same config, batch and loss, eagerly, with all CPU threads; the last line is the speed ratio.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from sfd_jax import sharding as shd
+from sfd_jax.training import config as config_lib, metrics as metrics_lib, state as state_lib, step as step_lib
+
+config_flags.DEFINE_config_file("config", "configs/sfd_xl.py", "Training config (model, loss, optim, batch).")
+flags.DEFINE_integer("steps", 5, "Timed steps.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_bool("torch", True, "Also time the PyTorch reference step.")
+flags.DEFINE_string("out", None, "Write the results as JSON here.")
+FLAGS = flags.FLAGS
+GOLDEN = Path(os.environ.get("SFD_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+
+
+def synthetic_batch(cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  n, size = cfg.batch_size, cfg.model.input_size
+  tokens = (size // cfg.model.patch_size) ** 2
+  return {"x": rng.normal(size=(n, size, size, cfg.model.in_channels)).astype(np.float32),
+          "y": rng.integers(0, cfg.model.num_classes, n).astype(np.int32),
+          "dino": rng.normal(size=(n, tokens, cfg.model.repa_z_dim)).astype(np.float32)}
+
+
+def time_steps(run, steps):
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def bench_jax(cfg, steps, warmup):
+  mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+  model = config_lib.build_model(cfg.model)
+  tx = state_lib.make_optimizer(cfg.optim)
+  state, shardings = state_lib.create_train_state(model, tx, mesh, cfg.sharding, jax.random.key(0))
+  batch = shd.shard_batch(mesh, synthetic_batch(cfg))
+  train_step = step_lib.make_train_step(model, tx, cfg, mesh, shardings)
+  start = time.perf_counter()
+  compiled = train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  box = {"state": state}
+
+  def run():
+    box["state"], m = compiled(box["state"], batch)
+    jax.block_until_ready(m["loss"])
+
+  for _ in range(warmup):
+    run()
+  step_s = time_steps(run, steps)
+  flops_per_image = 3 * model.forward_flops()
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+  return {"compile_s": compile_s, "step_s": step_s, "images_per_s": cfg.batch_size / step_s,
+          "flops_per_image": flops_per_image,
+          "mfu": metrics_lib.mfu(flops_per_image * cfg.batch_size, step_s, mesh.devices.size),
+          "peak_memory_gb": peak / 2 ** 30}
+
+
+def bench_torch(cfg, steps, warmup):
+  import torch
+
+  import torch_reference
+  golden_error = torch_reference.check_against_golden(GOLDEN) if (GOLDEN / "dit_tiny").is_dir() else None
+  torch.manual_seed(0)
+  model = torch_reference.build(cfg.model)
+  opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.b1, cfg.optim.b2),
+                          eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+  b = synthetic_batch(cfg)
+  x1 = torch.from_numpy(b["x"]).permute(0, 3, 1, 2).contiguous()
+  y, dino = torch.from_numpy(b["y"]).long(), torch.from_numpy(b["dino"])
+  x0, t = torch.randn_like(x1), torch.sigmoid(torch.randn(cfg.batch_size))
+  dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else None
+
+  def run():
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+      loss = torch_reference.sfd_loss(model, x1, x0, t, y, dino, cfg.loss.delta_t, cfg.loss.semantic_weight,
+                                      cfg.loss.semantic_channels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+  for _ in range(warmup + 1):
+    run()
+  step_s = time_steps(run, steps)
+  return {"step_s": step_s, "images_per_s": cfg.batch_size / step_s, "threads": torch.get_num_threads(),
+          "golden_velocity_error": golden_error}
+
+
+def main(argv):
+  del argv
+  cfg = FLAGS.config
+  device = jax.devices()[0]
+  result = {"device": f"{len(jax.devices())}× {device.device_kind} ({device.platform})",
+            "model": {k: cfg.model[k] for k in ("hidden_size", "depth", "num_heads", "input_size", "patch_size",
+                                                "dtype", "remat_policy")},
+            "batch_size": cfg.batch_size, "jax": bench_jax(cfg, FLAGS.steps, FLAGS.warmup)}
+  if FLAGS.torch:
+    result["torch"] = bench_torch(cfg, FLAGS.steps, FLAGS.warmup)
+    result["speed_ratio_jax_over_torch"] = result["jax"]["images_per_s"] / result["torch"]["images_per_s"]
+  j = result["jax"]
+  mfu = "n/a (unknown peak)" if j["mfu"] is None else f"{100 * j['mfu']:.1f}%"
+  print(f"device: {result['device']}  model: {result['model']}  batch {cfg.batch_size}")
+  print(f"sfd_jax: compile {j['compile_s']:.1f} s, step {j['step_s'] * 1e3:.1f} ms, {j['images_per_s']:.1f} img/s, "
+        f"{j['flops_per_image'] / 1e9:.1f} GFLOP/img, MFU {mfu}, peak memory "
+        f"{j['peak_memory_gb']:.2f} GB")
+  if FLAGS.torch:
+    t = result["torch"]
+    print(f"torch reference ({t['threads']} threads): step {t['step_s'] * 1e3:.1f} ms, "
+          f"{t['images_per_s']:.1f} img/s (matches golden velocity to {t['golden_velocity_error']})")
+    print(f"speed ratio sfd_jax / torch: {result['speed_ratio_jax_over_torch']:.2f}")
+  if FLAGS.out:
+    Path(FLAGS.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)
