@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
+
+import jax
+from absl import flags
 
 from sfd_jax.convert.io import ConversionError
 from sfd_jax.sharding import ShardingError
+
+flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs outside a TPU pod.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
 
 # Errors that mean "the input is wrong" (their message says what to change); anything else is a bug and keeps
 # its traceback.
@@ -23,3 +31,15 @@ def user_errors_exit(main):
       print(f"error: {message}", file=sys.stderr)
       sys.exit(2)
   return wrapped
+
+
+def initialize_distributed():
+  """jax.distributed for multi-process runs: from --coordinator flags, or on a multi-host TPU/cluster platform."""
+  f = flags.FLAGS
+  if f.coordinator:
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f.coordinator, f.num_processes, f.process_id)
+  elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS")):
+    if os.environ.get("TPU_WORKER_HOSTNAMES", "localhost") != "localhost" or "SLURM_NTASKS" in os.environ:
+      jax.distributed.initialize()

@@ -53,6 +53,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 256             # global, over all hosts and devices
   c.total_steps = 4_000_000
   c.nan_policy = "stop"          # stop | skip: what a non-finite loss does (the update is never applied)
+  c.data = dict(
+      source="latents",          # latents (a dataset written by cli.extract) | synthetic (in memory)
+      path="",
+      synthetic_records=4096,
+      shuffle=True,
+      flip=True,                 # pick the stored horizontally flipped copy with probability 1/2
+      num_workers=0,             # grain worker processes (0: threads in the training process)
+      prefetch=8,
+  )
+  c.log_every = 100
+  c.ckpt_every = 20_000
+  c.keep_checkpoints = 3         # the newest N ...
+  c.keep_period = 0              # ... plus every multiple of this step, kept for good (0: none)
+  c.sample_every = 0             # steps between sample grids (0: never)
   c.mesh = dict(data=-1, fsdp=1)
   # (regex on the param path, spec): the first match wins; () replicates, ("fsdp_largest",) shards the largest
   # dimension divisible by the fsdp size; tensors under min_size elements are replicated.

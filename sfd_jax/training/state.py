@@ -60,13 +60,22 @@ def state_shardings(mesh: Mesh, abstract_state: TrainState, tx, sharding_cfg) ->
   return TrainState(step=replicated, params=params, ema_params=params, opt_state=opt, rng=replicated)
 
 
-def create_train_state(model, tx, mesh: Mesh, sharding_cfg, rng) -> tuple[TrainState, TrainState]:
-  """(state, shardings): a fresh state created directly on its shardings (no full copy on one device)."""
+def _initializer(model, tx):
   def init(key):
     params = model.init(key, *model.dummy_inputs())["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
                       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+  return init
 
-  abstract = jax.eval_shape(init, rng)
+
+def abstract_train_state(model, tx, mesh: Mesh, sharding_cfg) -> tuple[TrainState, TrainState]:
+  """(shapes with shardings, shardings) of a train state: the target of a restore, without computing one."""
+  abstract = jax.eval_shape(_initializer(model, tx), jax.random.key(0))
   shardings = state_shardings(mesh, abstract, tx, sharding_cfg)
-  return jax.jit(init, out_shardings=shardings)(rng), shardings
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings), shardings
+
+
+def create_train_state(model, tx, mesh: Mesh, sharding_cfg, rng) -> tuple[TrainState, TrainState]:
+  """(state, shardings): a fresh state created directly on its shardings (no full copy on one device)."""
+  _, shardings = abstract_train_state(model, tx, mesh, sharding_cfg)
+  return jax.jit(_initializer(model, tx), out_shardings=shardings)(rng), shardings

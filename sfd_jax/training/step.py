@@ -1,8 +1,10 @@
-"""The jitted SFD train step: loss and gradients (optionally over micro-batches), AdamW, EMA, metrics.
+"""The jitted train step: loss and gradients (optionally over micro-batches), AdamW, EMA, metrics.
 
-The step is a pure function of (state, batch); it is jitted with the state's shardings in and out, the batch
-split over every device, and the state donated. A non-finite loss or gradient never reaches the params: the
-update is skipped inside the step and `metrics['finite']` reports it, so the loop can stop or go on.
+The step is a pure function of (state, batch) for any objective `loss_fn(params, batch, rng, positions)`: the
+SFD objective for the DiT (`sfd_loss_fn`), the SemVAE objective for the Semantic VAE. It is jitted with the
+state's shardings in and out, the batch split over every device, and the state donated. A non-finite loss or
+gradient never reaches the params: the update is skipped inside the step and `metrics['finite']` reports it, so
+the loop can stop or go on.
 """
 from __future__ import annotations
 
@@ -47,13 +49,16 @@ def loss_and_grads(loss_fn: Callable, params, batch, rng, accum_steps: int):
   return jax.tree.map(lambda x: x / accum_steps, (metrics, grads))
 
 
-def train_step(state: TrainState, batch, *, model, tx, cfg):
-  """One optimiser update of the SFD objective; returns (new state, metrics)."""
+def sfd_loss_fn(model, cfg) -> Callable:
+  """The SFD objective of `cfg.loss` for a LightningDiT, as a `loss_fn` for `train_step`."""
+  def loss_fn(params, batch, rng, positions):
+    return sfd_loss(model.apply, {"params": params}, batch, rng, cfg.loss, cfg.model.num_classes, positions)
+  return loss_fn
+
+
+def train_step(state: TrainState, batch, *, loss_fn: Callable, tx, cfg):
+  """One optimiser update; returns (new state, metrics)."""
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-
-  def loss_fn(params, b, key, positions):
-    return sfd_loss(model.apply, {"params": params}, b, key, cfg.loss, cfg.model.num_classes, positions)
-
   metrics, grads = loss_and_grads(loss_fn, state.params, batch, rng, cfg.optim.grad_accum_steps)
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -71,12 +76,15 @@ def train_step(state: TrainState, batch, *, model, tx, cfg):
   return new_state, metrics
 
 
-def make_train_step(model, tx, cfg, mesh: Mesh, shardings: TrainState):
-  """`train_step` jitted for `mesh`: state in/out on `shardings` (donated), batch rows over all devices."""
+def make_train_step(loss_fn: Callable, tx, cfg, mesh: Mesh, shardings: TrainState):
+  """`train_step` jitted for `mesh`: state in/out on `shardings` (donated), batch rows over all devices.
+
+  `cfg` needs `batch_size` and `optim` (grad_accum_steps, ema_decay and the schedule).
+  """
   if cfg.batch_size % (mesh.devices.size * cfg.optim.grad_accum_steps):
     raise shd.ShardingError(
         f"batch_size {cfg.batch_size} must be divisible by the {mesh.devices.size} devices × "
         f"{cfg.optim.grad_accum_steps} micro-batches (optim.grad_accum_steps); change one of them")
-  step = lambda state, batch: train_step(state, batch, model=model, tx=tx, cfg=cfg)
+  step = lambda state, batch: train_step(state, batch, loss_fn=loss_fn, tx=tx, cfg=cfg)
   return jax.jit(step, in_shardings=(shardings, shd.batch_sharding(mesh)),
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)

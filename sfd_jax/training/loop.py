@@ -1,0 +1,154 @@
+"""The training loop shared by the SFD DiT and the SemVAE: data → step → metrics → checkpoints → samples.
+
+A run is a pure function of (config, seed, data): the step's randomness comes from the state's rng folded with
+the step, the data order from the seeded pipeline whose position is checkpointed, so a run that is stopped
+(SIGTERM, preemption) and restarted continues bit-identically. It resumes from the newest complete checkpoint
+in `<workdir>/checkpoints`; a non-finite loss never reaches the weights and, with `nan_policy='stop'`, ends
+the run with a message naming the step and the last good checkpoint, saving nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from sfd_jax import sharding as shd
+from sfd_jax.training import checkpoint as ckpt_lib, metrics as metrics_lib, state as state_lib, step as step_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the gradient became NaN/Inf (with nan_policy='stop')."""
+
+
+@dataclasses.dataclass
+class Task:
+  """What the loop trains: a model, its objective, its data, and an optional periodic hook."""
+  model: Any                                  # flax module with `dummy_inputs()`
+  loss_fn: Callable                           # (params, batch, rng, positions) -> (loss, metrics)
+  make_data: Callable[..., Iterator]          # (shard_index, shard_count) -> checkpointable iterator of host rows
+  flops_per_sample: float = 0.0               # model FLOPs of one training sample (for MFU)
+  periodic: Callable | None = None            # (state, step, writer) -> None, every cfg.sample_every steps
+
+
+class _StopRequest:
+  """SIGTERM (or SIGINT) asks the loop to finish its step, save, and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("received signal %d: finishing the current step, then saving", signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _device_batch(mesh, batch):
+  return shd.shard_batch(mesh, {k: v for k, v in batch.items() if k != "index"})
+
+
+def run(cfg, workdir, task: Task) -> dict:
+  """Trains until `cfg.total_steps` (or a stop signal); returns the last logged scalars."""
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
+  mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+  shd.check_batch_size(mesh, cfg.batch_size)
+  tx = state_lib.make_optimizer(cfg.optim)
+  abstract, shardings = state_lib.abstract_train_state(task.model, tx, mesh, cfg.sharding)
+  data = task.make_data(jax.process_index(), jax.process_count())
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", cfg.keep_checkpoints, cfg.keep_period)
+  state, step = checkpointer.restore_latest(abstract, data)
+  if state is None:
+    state, _ = state_lib.create_train_state(task.model, tx, mesh, cfg.sharding, jax.random.key(cfg.seed))
+    step = 0
+    logging.info("starting a new run in %s", workdir)
+  else:
+    logging.info("resumed from step %d of %s", step, checkpointer.directory)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=step)
+  if jax.process_index() == 0:
+    from clu import parameter_overview
+    print(parameter_overview.get_parameter_overview(state.params), flush=True)
+  train_step = step_lib.make_train_step(task.loss_fn, tx, cfg, mesh, shardings)
+  config_json = cfg.to_json_best_effort()
+  last_saved = step if step else None
+  window, window_start, scalars, timing = [], (step, time.perf_counter()), {}, False
+
+  def save(at):
+    nonlocal last_saved
+    checkpointer.save(at, state, data, config_json)
+    last_saved = at
+
+  with _StopRequest() as stop:
+    while step < cfg.total_steps:
+      state, metrics = train_step(state, _device_batch(mesh, next(data)))
+      step += 1
+      window.append(metrics)
+      if not timing:  # this process's first step compiled the step function: time from its end
+        jax.block_until_ready(metrics)
+        window_start, timing = (step, time.perf_counter()), True
+      end = step == cfg.total_steps or stop.requested or checkpointer.reached_preemption(step)
+      if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or end:
+        window = jax.device_get(window)
+        _check_finite(window, step - len(window) + 1, cfg.nan_policy, last_saved, checkpointer.directory)
+        scalars = _scalars(window, window_start, step, cfg, task, mesh)
+        writer.write_scalars(step, scalars)
+        if jax.process_index() == 0:
+          print(metrics_lib.progress_line(step, cfg.total_steps, scalars), flush=True)
+        window, window_start = [], (step, time.perf_counter())
+      if step % cfg.ckpt_every == 0 or end:
+        save(step)
+      if task.periodic is not None and cfg.sample_every and (step % cfg.sample_every == 0 or end):
+        task.periodic(state, step, writer)
+      if end:
+        break
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  if stop.requested:
+    logging.warning("stopped at step %d; checkpoint saved in %s", step, checkpointer.directory)
+  return scalars
+
+
+def _check_finite(window, first_step, policy, last_saved, directory):
+  bad = [first_step + i for i, m in enumerate(window) if not bool(m["finite"])]
+  if not bad:
+    return
+  where = f"checkpoint {last_saved} in {directory}" if last_saved is not None else "none (no checkpoint yet)"
+  message = (f"non-finite loss or gradient at step {bad[0]} (steps {bad[:5]} in this window); the update was "
+             f"skipped and nothing was saved; last good checkpoint: {where}")
+  if policy == "stop":
+    raise NonFiniteLossError(message)
+  logging.warning("%s; nan_policy='skip' goes on", message)
+
+
+def _scalars(window, window_start, step, cfg, task, mesh) -> dict:
+  finite = [m for m in window if bool(m["finite"])] or window
+  scalars = metrics_lib.average([{k: v for k, v in m.items() if k != "finite"} for m in finite])
+  scalars["skipped_steps"] = float(sum(not bool(m["finite"]) for m in window))
+  seconds = time.perf_counter() - window_start[1]
+  steps_per_s = (step - window_start[0]) / seconds if step > window_start[0] else 0.0
+  scalars.update(steps_per_s=steps_per_s, images_per_s=steps_per_s * cfg.batch_size,
+                 eta_s=(cfg.total_steps - step) / max(steps_per_s, 1e-9))
+  mfu = metrics_lib.mfu(3 * task.flops_per_sample * cfg.batch_size, 1 / max(steps_per_s, 1e-9), mesh.devices.size)
+  if mfu is not None and steps_per_s:
+    scalars["mfu"] = mfu
+  return scalars

@@ -1,0 +1,54 @@
+"""The training tasks the loop runs: SFD (LightningDiT on latents) and the Semantic VAE (on DINOv2 tokens)."""
+from __future__ import annotations
+
+from sfd_jax.data import latents as latents_lib
+from sfd_jax.training import config as config_lib, loop, step as step_lib
+
+
+def latent_source(data_cfg, model_cfg, loss_cfg):
+  """The records a run reads: a written latent dataset, or the synthetic in-memory one."""
+  if data_cfg.source == "latents":
+    if not data_cfg.path:
+      raise FileNotFoundError("config.data.path is empty: set it to a latent dataset directory "
+                              "(written by `python -m sfd_jax.cli.extract`), or use data.source='synthetic'")
+    source = latents_lib.LatentSource(data_cfg.path)
+    _check_layout(source.spec, model_cfg, loss_cfg, data_cfg.path)
+    return source
+  if data_cfg.source == "synthetic":
+    grid = model_cfg.input_size // model_cfg.patch_size
+    spec = latents_lib.record_spec(model_cfg.input_size, model_cfg.in_channels - loss_cfg.semantic_channels,
+                                   loss_cfg.semantic_channels, grid * grid, model_cfg.repa_z_dim)
+    return latents_lib.SyntheticLatents(data_cfg.synthetic_records, spec, model_cfg.num_classes)
+  raise ValueError(f"config.data.source {data_cfg.source!r} is not one of ('latents', 'synthetic')")
+
+
+def _check_layout(spec, model_cfg, loss_cfg, path):
+  channels = spec["texture_channels"] + spec["semantic_channels"]
+  problems = []
+  if spec["latent_size"] != model_cfg.input_size:
+    problems.append(f"latent size {spec['latent_size']} ≠ model.input_size {model_cfg.input_size}")
+  if channels != model_cfg.in_channels:
+    problems.append(f"{channels} channels ≠ model.in_channels {model_cfg.in_channels}")
+  if spec["semantic_channels"] != loss_cfg.semantic_channels:
+    problems.append(f"{spec['semantic_channels']} semantic channels ≠ loss.semantic_channels "
+                    f"{loss_cfg.semantic_channels}")
+  if spec["dino_dtype"] and spec["dino_dim"] != model_cfg.repa_z_dim:
+    problems.append(f"DINO width {spec['dino_dim']} ≠ model.repa_z_dim {model_cfg.repa_z_dim}")
+  if problems:
+    raise ValueError(f"the latent dataset {path} does not fit the model: {'; '.join(problems)}")
+
+
+def sfd_task(cfg) -> loop.Task:
+  """SFD training of the LightningDiT of `cfg.model` on the latents of `cfg.data`."""
+  model = config_lib.build_model(cfg.model)
+  source = latent_source(cfg.data, cfg.model, cfg.loss)
+  use_dino = cfg.model.use_repa and cfg.loss.repa_weight != 0
+
+  def make_data(shard_index, shard_count):
+    return latents_lib.latent_pipeline(
+        source, source.stats, global_batch_size=cfg.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle, flip=cfg.data.flip,
+        use_dino=use_dino, shard_index=shard_index, shard_count=shard_count, num_workers=cfg.data.num_workers,
+        prefetch=cfg.data.prefetch)
+
+  return loop.Task(model=model, loss_fn=step_lib.sfd_loss_fn(model, cfg), make_data=make_data,
+                   flops_per_sample=model.forward_flops())
