@@ -36,6 +36,9 @@ class Task:
   make_data: Callable[..., Iterator]          # (shard_index, shard_count) -> checkpointable iterator of host rows
   flops_per_sample: float = 0.0               # model FLOPs of one training sample (for MFU)
   periodic: Callable | None = None            # (state, step, writer) -> None, every cfg.sample_every steps
+  # Device-side work on each global batch before the step, e.g. a frozen encoder computing its features
+  # (jitted by the task; it must not depend on the step, so runs stay reproducible).
+  preprocess: Callable | None = None
 
 
 class _StopRequest:
@@ -99,7 +102,10 @@ def run(cfg, workdir, task: Task) -> dict:
 
   with _StopRequest() as stop:
     while step < cfg.total_steps:
-      state, metrics = train_step(state, _device_batch(mesh, next(data)))
+      batch = _device_batch(mesh, next(data))
+      if task.preprocess is not None:
+        batch = task.preprocess(batch)
+      state, metrics = train_step(state, batch)
       step += 1
       window.append(metrics)
       if not timing:  # this process's first step compiled the step function: time from its end
