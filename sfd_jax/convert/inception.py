@@ -63,9 +63,14 @@ def _template(model: InceptionV3):
 
 def inception_from_state_dict(state_dict: Mapping[str, np.ndarray], **overrides):
   """(model, variables) from a torchvision-named InceptionV3 state dict (a `module.` prefix is stripped)."""
+  state_dict = select_state_dict(state_dict)
+  fc = state_dict.get("fc.weight")
+  if fc is not None and fc.shape[0] == 1000:
+    raise ConversionError(f"these are torchvision's ImageNet InceptionV3 weights (1000 classes), not the FID "
+                          f"Inception (1008 classes) that FID is defined with; get {FID_WEIGHTS_NAME}")
   model = InceptionV3(**overrides)
   template = _template(model)
-  params = flax_from_torch(select_state_dict(state_dict), inception_rules(template), template, ignore=_IGNORE,
+  params = flax_from_torch(state_dict, inception_rules(template), template, ignore=_IGNORE,
                            what="InceptionV3 weight file")
   return model, {"params": params}
 
