@@ -59,7 +59,7 @@ def bench_jax(cfg, steps, warmup):
   tx = state_lib.make_optimizer(cfg.optim)
   state, shardings = state_lib.create_train_state(model, tx, mesh, cfg.sharding, jax.random.key(0))
   batch = shd.shard_batch(mesh, synthetic_batch(cfg))
-  train_step = step_lib.make_train_step(model, tx, cfg, mesh, shardings)
+  train_step = step_lib.make_train_step(step_lib.sfd_loss_fn(model, cfg), tx, cfg, mesh, shardings)
   start = time.perf_counter()
   compiled = train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start

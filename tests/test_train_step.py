@@ -22,7 +22,8 @@ def _run_one_step(cfg, batch):
   tx = state_lib.make_optimizer(cfg.optim)
   state, shardings = state_lib.create_train_state(model, tx, mesh, cfg.sharding, jax.random.key(0))
   before = jax.device_get(state)
-  after, metrics = step_lib.make_train_step(model, tx, cfg, mesh, shardings)(state, shd.shard_batch(mesh, batch))
+  train_step = step_lib.make_train_step(step_lib.sfd_loss_fn(model, cfg), tx, cfg, mesh, shardings)
+  after, metrics = train_step(state, shd.shard_batch(mesh, batch))
   return before, jax.device_get(after), jax.device_get(metrics)
 
 
@@ -83,7 +84,7 @@ def test_impossible_layouts_name_the_fix():
   tx = state_lib.make_optimizer(cfg.optim)
   mesh = shd.make_mesh()
   with pytest.raises(shd.ShardingError, match="grad_accum_steps"):
-    step_lib.make_train_step(model, tx, cfg, mesh, None)
+    step_lib.make_train_step(step_lib.sfd_loss_fn(model, cfg), tx, cfg, mesh, None)
 
 
 def _free_port():

@@ -39,7 +39,7 @@ for mesh_name in args.meshes.split(","):
   model = config_lib.build_model(cfg.model)
   tx = state_lib.make_optimizer(cfg.optim)
   state, shardings = state_lib.create_train_state(model, tx, mesh, cfg.sharding, jax.random.key(0))
-  train_step = step_lib.make_train_step(model, tx, cfg, mesh, shardings)
+  train_step = step_lib.make_train_step(step_lib.sfd_loss_fn(model, cfg), tx, cfg, mesh, shardings)
   for i in range(3):
     batch = tiny_batch(cfg, seed=i)
     local = jax.tree.map(lambda x: x[shd.host_rows(mesh, cfg.batch_size)], batch)
