@@ -1,0 +1,341 @@
+"""The sampling application: SFD models → image files (one PNG per image, an ADM-style .npz) or a captioned grid.
+
+Image i is a pure function of (seed, i): its noise is `normal(fold_in(key, i))` and its label comes from i, so a
+re-run skips the PNGs already written and fills in the rest, with any batch size or device count (dopri5 uses
+the per-sample error norm). Every process generates its rows of each global batch and writes their PNGs (the
+output must be on a filesystem all hosts share); process 0 packs `samples.npz` (`arr_0` uint8 N×H×W×3, `arr_1`
+labels) once all N exist. Models are exported directories (`python -m sfd_jax.cli.convert`); the DiT may also
+be an official checkpoint with a preset or official kwargs. Latent stats: a stats.json or the official
+latents_stats.pt. `python -m sfd_jax.cli.sample` is the command line of `run(Settings(...))`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from sfd_jax import sharding
+from sfd_jax.convert import export
+from sfd_jax.convert.dit import load_dit, official_sfd_kwargs
+from sfd_jax.convert.io import load_state_dict, select_state_dict
+from sfd_jax.diffusion import sampler
+from sfd_jax.models.texture_vae import denormalize_texture, to_uint8
+
+DEMO_CLASSES = (106, 22, 279, 975, 388, 15, 36, 979)  # the official demo labels
+OFFICIAL_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".npz")
+
+
+@dataclasses.dataclass
+class Settings:
+  """Everything a sampling run needs (the flags of this tool, one for one)."""
+  model: str
+  vae: str
+  stats: str
+  out: str
+  preset: str = "XL"
+  model_kwargs: dict | None = None
+  guide_model: str | None = None
+  guide_preset: str = "B"
+  guide_model_kwargs: dict | None = None
+  num_images: int = 50_000
+  batch_size: int = 64
+  seed: int = 0
+  labels: str = "balanced"
+  fid_num: int | None = None
+  method: str = "dopri5"
+  num_steps: int = 250
+  shift: float = 0.0
+  rtol: float = 1e-3
+  atol: float = 1e-6
+  error_norm: str = "per_sample"
+  delta_t: float | None = None
+  cfg_scale: float = 1.0
+  cfg_scale_tex: float | None = None
+  cfg_scale_sem: float | None = None
+  cfg_interval_start: float = 0.0
+  cfg_interval_mode: str | None = None
+  latent_multiplier: float = 1.0
+  dtype: str = "float32"
+  demo: bool = False
+  npz: bool = True
+  trust_pickle: bool = False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load_diffusion_model(path, preset: str = "XL", model_kwargs: dict | None = None, dtype=jnp.float32,
+                         trust_pickle: bool = False):
+  """(model, variables, official kwargs or {}) of a DiT: an exported directory, a training workdir (EMA weights of
+  its newest checkpoint), or an official weight file.
+
+  Official files take their `ema` weights, with the official constructor kwargs of `preset` unless
+  `model_kwargs` (official kwargs, e.g. a yaml's or fixture's) are given. New sources go here.
+  """
+  path = Path(path)
+  if (path / "model.json").exists():
+    model, variables, meta = export.load_model(path, dtype=dtype)
+    return model, variables, meta.get("official_kwargs", {})
+  if (path / "checkpoints").is_dir():
+    return load_training_run(path, dtype)
+  if path.is_dir() or path.suffix.lower() not in OFFICIAL_SUFFIXES:
+    raise FileNotFoundError(f"{path} is neither an exported model directory (with model.json) nor an official "
+                            f"weight file ({', '.join(OFFICIAL_SUFFIXES)}); export one with "
+                            "`python -m sfd_jax.cli.convert --kind=dit`")
+  kwargs = model_kwargs or official_sfd_kwargs(preset)
+  weights = select_state_dict(load_state_dict(path, trust_pickle=trust_pickle))
+  weights = {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in weights.items()}
+  model, variables = load_dit(kwargs, weights, dtype=dtype)
+  return model, variables, kwargs
+
+
+def load_training_run(workdir, dtype=jnp.float32, step: int | None = None):
+  """(model, EMA variables, official-style kwargs) of a training run: its newest (or `step`) checkpoint."""
+  from ml_collections import ConfigDict
+
+  from sfd_jax.training import checkpoint as ckpt_lib, config as config_lib
+  workdir = Path(workdir)
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints")
+  steps = checkpointer.steps()
+  if not steps:
+    raise FileNotFoundError(f"{workdir} has no finished checkpoint yet")
+  step = steps[-1] if step is None else step
+  cfg = ConfigDict(checkpointer.config(step))
+  model = config_lib.build_model(cfg.model).clone(dtype=dtype)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
+  params = checkpointer.restore_ema(step, abstract)
+  checkpointer.close()
+  return model, {"params": params}, {"semfirst_delta_t": cfg.loss.delta_t,
+                                      "semantic_chans": cfg.loss.semantic_channels}
+
+
+def load_texture_vae_file(path, dtype=jnp.float32, trust_pickle: bool = False):
+  """(vae, variables) from an exported directory or an official LDM checkpoint of SD-VAE f16d32."""
+  path = Path(path)
+  if (path / "model.json").exists():
+    vae, variables, _ = export.load_model(path, dtype=dtype)
+    return vae, variables
+  from sfd_jax.convert.files import SD_VAE_F16D32
+  from sfd_jax.convert.texture_vae import load_texture_vae
+  vae, variables = load_texture_vae(SD_VAE_F16D32, 32, load_state_dict(path, trust_pickle=trust_pickle))
+  return vae.clone(dtype=dtype), variables
+
+
+def load_texture_stats(path, trust_pickle: bool = False):
+  """(mean, std) of the texture latents, one value per channel, from a stats.json or an official stats .pt."""
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"latent stats {path} do not exist; pass the stats.json of the latent dataset "
+                            "or the official latents_stats.pt")
+  if path.suffix == ".json":
+    stats = json.loads(path.read_text())
+    if "texture" not in stats:
+      raise ValueError(f"{path} has no 'texture' stats (keys: {sorted(stats)}); make it with "
+                       "`python -m sfd_jax.cli.convert --kind=stats`")
+    stats = stats["texture"]
+  else:
+    stats = load_state_dict(path, trust_pickle=trust_pickle)
+  if "mean" not in stats or "std" not in stats:
+    raise ValueError(f"{path} must hold the texture 'mean' and 'std', found {sorted(stats)}")
+  return (np.asarray(stats["mean"], np.float32).reshape(-1), np.asarray(stats["std"], np.float32).reshape(-1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Labels and the jitted generator.
+
+
+def parse_labels(spec: str, num_classes: int):
+  """'random', 'balanced', or a comma list of class ids (image i gets entry i mod length)."""
+  if spec in ("random", "balanced"):
+    return spec
+  try:
+    labels = tuple(int(v) for v in spec.split(","))
+  except ValueError as e:
+    raise ValueError(f"--labels={spec!r}: use 'random', 'balanced' or comma-separated class ids") from e
+  if not all(0 <= c < num_classes for c in labels):
+    raise ValueError(f"--labels={spec!r}: class ids must lie in [0, {num_classes})")
+  return labels
+
+
+def labels_of(key, indices, labels, num_classes: int, fid_num: int):
+  """The class label of each image index (a pure function of the index)."""
+  if labels == "random":
+    return sampler.random_labels(key, indices, num_classes)
+  if labels == "balanced":
+    return sampler.balanced_labels(key, indices, fid_num, num_classes)
+  return jnp.asarray(labels, jnp.int32)[indices % len(labels)]
+
+
+def run_keys(seed: int):
+  """(noise key, label key) of a run: image i uses `fold_in(noise key, i)` and `fold_in(label key, i)`."""
+  key = jax.random.key(seed)
+  return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+
+
+def make_generator(s: Settings, model, vae, guide_model, delta_t: float, semantic_channels: int, interval_mode: str,
+                   fid_num: int):
+  """jit(params…, indices) → (uint8 images, labels, model calls): noise → ODE → texture → decode."""
+  noise_key, label_key = run_keys(s.seed)
+  labels = parse_labels(s.labels, model.num_classes)
+  latent_shape = (model.input_size, model.input_size, model.in_channels)
+
+  def generate(dit_vars, guide_vars, vae_vars, mean, std, indices):
+    z = sampler.noise(noise_key, indices, latent_shape)
+    y = labels_of(label_key, indices, labels, model.num_classes, fid_num)
+    if guide_model is not None:
+      velocity = sampler.autoguidance_velocity(model, dit_vars, guide_model, guide_vars,
+                                               s.cfg_scale_tex or s.cfg_scale, s.cfg_scale_sem or s.cfg_scale,
+                                               s.cfg_interval_start, interval_mode, semantic_channels)
+    elif s.cfg_scale > 1.0:
+      velocity = sampler.cfg_velocity(model, dit_vars, s.cfg_scale, model.num_classes, s.cfg_interval_start,
+                                      interval_mode, semantic_channels)
+    else:
+      velocity = sampler.model_velocity(model, dit_vars)
+    final, stats = sampler.sample(velocity, z, y, delta_t=delta_t, method=s.method, num_steps=s.num_steps,
+                                  shift=s.shift, rtol=s.rtol, atol=s.atol, error_norm=s.error_norm,
+                                  semantic_channels=semantic_channels)
+    texture = denormalize_texture(final, mean, std, s.latent_multiplier, model.in_channels - semantic_channels)
+    images = to_uint8(vae.apply(vae_vars, texture, method=vae.decode))
+    return images, y, stats["model_calls"]
+
+  return jax.jit(generate)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Files.
+
+
+def png_path(out: Path, index: int) -> Path:
+  return out / "images" / f"{index:06d}.png"
+
+
+def pending_indices(out: Path, num_images: int) -> np.ndarray:
+  """Indices in [0, num_images) whose PNG does not exist yet."""
+  return np.array([i for i in range(num_images) if not png_path(out, i).exists()], np.int64)
+
+
+def write_png(path: Path, image: np.ndarray):
+  """Writes atomically (temporary file, then rename), so a killed run never leaves a truncated PNG behind."""
+  tmp = path.with_suffix(".tmp.png")
+  Image.fromarray(image).save(tmp)
+  os.replace(tmp, path)
+
+
+def write_npz(path: Path, out: Path, num_images: int, labels: np.ndarray):
+  """`arr_0` (N, H, W, 3) uint8 streamed from the PNGs (never all in memory) and `arr_1` the labels."""
+  first = np.asarray(Image.open(png_path(out, 0)))
+  tmp = path.with_suffix(".tmp.npz")
+  with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+      header = {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
+                "shape": (num_images, *first.shape)}
+      np.lib.format.write_array_header_2_0(f, header)
+      for i in range(num_images):
+        image = np.asarray(Image.open(png_path(out, i)).convert("RGB"))
+        if image.shape != first.shape:
+          raise ValueError(f"{png_path(out, i)} is {image.shape}, image 0 is {first.shape}: the output directory "
+                           "mixes runs of different resolutions; use a fresh --out")
+        f.write(image.tobytes())
+    with zf.open("arr_1.npy", "w") as f:
+      np.lib.format.write_array(f, labels.astype(np.int64))
+  os.replace(tmp, path)
+
+
+def demo_grid(images: np.ndarray, labels: np.ndarray, columns: int) -> Image.Image:
+  """Images in rows of `columns`, each with its class id written underneath."""
+  n, h, w, _ = images.shape
+  rows, caption = -(-n // columns), 14
+  grid = Image.new("RGB", (columns * w, rows * (h + caption)), "white")
+  draw = ImageDraw.Draw(grid)
+  for i, (image, label) in enumerate(zip(images, labels)):
+    x, y = (i % columns) * w, (i // columns) * (h + caption)
+    grid.paste(Image.fromarray(image), (x, y))
+    draw.text((x + 2, y + h + 1), f"class {int(label)}", fill="black")
+  return grid
+
+
+def _local_rows(array) -> tuple[np.ndarray, np.ndarray]:
+  """(row indices, rows) of a batch-sharded global array that live on this process."""
+  shards = {s.index[0].start or 0: np.asarray(s.data) for s in array.addressable_shards}
+  starts = sorted(shards)
+  rows = np.concatenate([shards[k] for k in starts])
+  index = np.concatenate([np.arange(k, k + len(shards[k])) for k in starts])
+  return index, rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run.
+
+
+def run(s: Settings) -> Path:
+  """Generates the images of `s` (skipping those already written) and returns the output directory."""
+  out = Path(s.out)
+  dtype = jnp.dtype(s.dtype)
+  model, dit_vars, official = load_diffusion_model(s.model, s.preset, s.model_kwargs, dtype, s.trust_pickle)
+  guide_model, guide_vars = None, None
+  if s.guide_model:
+    guide_model, guide_vars, _ = load_diffusion_model(s.guide_model, s.guide_preset, s.guide_model_kwargs, dtype,
+                                                      s.trust_pickle)
+  vae, vae_vars = load_texture_vae_file(s.vae, dtype, s.trust_pickle)
+  mean, std = load_texture_stats(s.stats, s.trust_pickle)
+  delta_t = s.delta_t if s.delta_t is not None else float(
+      official.get("semfirst_delta_t", 0.3 if model.dual_timestep else 0.0))
+  semantic_channels = int(official.get("semantic_chans", 16))
+  interval_mode = s.cfg_interval_mode or official.get("semfirst_infer_interval_mode", "both")
+  fid_num = s.fid_num or s.num_images
+
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(mesh, s.batch_size, "--batch_size")
+  generate = make_generator(s, model, vae, guide_model, delta_t, semantic_channels, interval_mode, fid_num)
+  params = jax.device_put((dit_vars, guide_vars, vae_vars, mean, std), sharding.replicated(mesh))
+
+  if s.demo:
+    indices = np.arange(s.num_images)
+    padded = np.resize(indices, -(-len(indices) // s.batch_size) * s.batch_size)
+    images, labels = [], []
+    for start in range(0, len(padded), s.batch_size):
+      batch = sharding.shard_batch(mesh, padded[start:start + s.batch_size][sharding.host_rows(mesh, s.batch_size)])
+      imgs, ys, _ = generate(*params, batch)
+      images.append(sharding.to_host(imgs))
+      labels.append(sharding.to_host(ys))
+    if jax.process_index() == 0:
+      out.mkdir(parents=True, exist_ok=True)
+      columns = min(len(indices), 8)
+      demo_grid(np.concatenate(images)[:len(indices)], np.concatenate(labels)[:len(indices)], columns).save(
+          out / "demo.png")
+    return out
+
+  (out / "images").mkdir(parents=True, exist_ok=True)
+  pending = pending_indices(out, s.num_images)
+  multihost_utils.sync_global_devices("sfd_sample: pending listed")
+  bar = tqdm(total=len(pending), unit="img", disable=jax.process_index() != 0 or not len(pending))
+  for start in range(0, len(pending), s.batch_size):
+    chunk = pending[start:start + s.batch_size]
+    padded = np.concatenate([chunk, np.full(s.batch_size - len(chunk), chunk[-1])])  # last batch: repeat
+    batch = sharding.shard_batch(mesh, padded[sharding.host_rows(mesh, s.batch_size)])
+    tick = time.perf_counter()
+    images, _, calls = generate(*params, batch)
+    rows, local = _local_rows(images)
+    for row, image in zip(rows, local):
+      if row < len(chunk):
+        write_png(png_path(out, int(padded[row])), image)
+    bar.set_postfix(NFE=int(calls), batch_s=f"{time.perf_counter() - tick:.1f}")
+    bar.update(len(chunk))
+  bar.close()
+  multihost_utils.sync_global_devices("sfd_sample: images written")
+  if s.npz and jax.process_index() == 0:
+    labels = labels_of(run_keys(s.seed)[1], jnp.arange(s.num_images),
+                       parse_labels(s.labels, model.num_classes), model.num_classes, fid_num)
+    write_npz(out / "samples.npz", out, s.num_images, np.asarray(labels))
+  return out
