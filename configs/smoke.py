@@ -14,4 +14,7 @@ def get_config(arg=None):
   c.log_every = 10
   c.ckpt_every = 20
   c.optim.lr = 1e-3
+  c.sample_every = 20
+  c.sample.num_images = 8
+  c.sample.num_steps = 8
   return c

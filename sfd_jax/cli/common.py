@@ -9,7 +9,9 @@ import jax
 from absl import flags
 
 from sfd_jax.convert.io import ConversionError
+from sfd_jax.data.latents import DatasetError
 from sfd_jax.sharding import ShardingError
+from sfd_jax.training.loop import NonFiniteLossError
 
 flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs outside a TPU pod.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
@@ -17,7 +19,19 @@ flags.DEFINE_integer("process_id", None, "This process's index (with --coordinat
 
 # Errors that mean "the input is wrong" (their message says what to change); anything else is a bug and keeps
 # its traceback.
-USER_ERRORS = (ConversionError, ShardingError, FileNotFoundError, FileExistsError, ValueError, KeyError)
+USER_ERRORS = (ConversionError, ShardingError, DatasetError, NonFiniteLossError, FileNotFoundError, FileExistsError,
+               ValueError, KeyError)
+
+
+def parse_flags(argv):
+  """absl `flags_parser` for `app.run`: a bad flag or config override (e.g. a typo in --config.optim.lrr) ends
+  in one sentence naming it instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    message = str(e).strip().strip("'").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+    print(f"error: bad command line: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def user_errors_exit(main):

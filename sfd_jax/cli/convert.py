@@ -18,7 +18,7 @@ import json
 
 from absl import app, flags
 
-from sfd_jax.cli.common import user_errors_exit
+from sfd_jax.cli.common import parse_flags, user_errors_exit
 from sfd_jax.convert.files import convert_to_flax, convert_to_torch
 
 KINDS = ("dit", "texture_vae", "dinov2", "stats")
@@ -49,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

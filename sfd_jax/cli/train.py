@@ -11,7 +11,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from sfd_jax.cli.common import initialize_distributed, user_errors_exit
+from sfd_jax.cli.common import initialize_distributed, parse_flags, user_errors_exit
 from sfd_jax.training import loop, tasks
 
 config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/sfd_xl.py.", lock_config=True)
@@ -31,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

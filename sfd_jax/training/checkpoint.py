@@ -52,8 +52,12 @@ class Checkpointer:
       try:
         return self.restore(step, abstract_state, data_iterator), step
       except Exception as e:  # a corrupt checkpoint raises whatever its damage makes orbax raise
-        logging.warning("checkpoint %d in %s cannot be restored (%s: %s); trying an older one, keeping it on disk",
-                        step, self.directory, type(e).__name__, str(e).splitlines()[0][:300])
+        aside = self.directory / f"{step}.unreadable"
+        if jax.process_index() == 0:
+          (self.directory / str(step)).rename(aside)
+        self.manager.reload()
+        logging.warning("checkpoint %d in %s cannot be restored (%s: %s); moved it to %s (not deleted) and trying "
+                        "an older one", step, self.directory, type(e).__name__, str(e).splitlines()[0][:300], aside)
     return None, None
 
   def restore(self, step: int, abstract_state, data_iterator=None):
@@ -61,6 +65,17 @@ class Checkpointer:
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
+
+  def restore_ema(self, step: int, abstract_params):
+    """Only the EMA params of checkpoint `step` (no optimiser state is read), on the shardings of
+    `abstract_params` (ShapeDtypeStructs; without shardings they land on the default device)."""
+    reader = ocp.CheckpointManager(self.directory, item_names=("state",),
+                                   item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                                   options=ocp.CheckpointManagerOptions(create=False))
+    target = {"ema_params": abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
+    return reader.restore(step, args=ocp.args.Composite(state=args))["state"]["ema_params"]
 
   def config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

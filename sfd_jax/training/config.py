@@ -67,6 +67,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3         # the newest N ...
   c.keep_period = 0              # ... plus every multiple of this step, kept for good (0: none)
   c.sample_every = 0             # steps between sample grids (0: never)
+  c.sample = dict(
+      num_images=16,             # fixed noise and labels, drawn once per run
+      labels=(),                 # class ids (cycled); empty: 0, 1, 2, ...
+      method="euler",            # euler | heun | dopri5
+      num_steps=32,              # euler/heun grid points
+      seed=0,
+      texture_vae="",            # exported texture VAE (or official .ckpt): decode to a PNG grid; empty:
+                                 # latent statistics and a picture of three texture channels
+  )
   c.mesh = dict(data=-1, fsdp=1)
   # (regex on the param path, spec): the first match wins; () replicates, ("fsdp_largest",) shards the largest
   # dimension divisible by the fsdp size; tensors under min_size elements are replicated.

@@ -100,35 +100,37 @@ def run(cfg, workdir, task: Task) -> dict:
     checkpointer.save(at, state, data, config_json)
     last_saved = at
 
-  with _StopRequest() as stop:
-    while step < cfg.total_steps:
-      batch = _device_batch(mesh, next(data))
-      if task.preprocess is not None:
-        batch = task.preprocess(batch)
-      state, metrics = train_step(state, batch)
-      step += 1
-      window.append(metrics)
-      if not timing:  # this process's first step compiled the step function: time from its end
-        jax.block_until_ready(metrics)
-        window_start, timing = (step, time.perf_counter()), True
-      end = step == cfg.total_steps or stop.requested or checkpointer.reached_preemption(step)
-      if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or end:
-        window = jax.device_get(window)
-        _check_finite(window, step - len(window) + 1, cfg.nan_policy, last_saved, checkpointer.directory)
-        scalars = _scalars(window, window_start, step, cfg, task, mesh)
-        writer.write_scalars(step, scalars)
-        if jax.process_index() == 0:
-          print(metrics_lib.progress_line(step, cfg.total_steps, scalars), flush=True)
-        window, window_start = [], (step, time.perf_counter())
-      if step % cfg.ckpt_every == 0 or end:
-        save(step)
-      if task.periodic is not None and cfg.sample_every and (step % cfg.sample_every == 0 or end):
-        task.periodic(state, step, writer)
-      if end:
-        break
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
+  try:
+    with _StopRequest() as stop:
+      while step < cfg.total_steps:
+        batch = _device_batch(mesh, next(data))
+        if task.preprocess is not None:
+          batch = task.preprocess(batch)
+        state, metrics = train_step(state, batch)
+        step += 1
+        window.append(metrics)
+        if not timing:  # this process's first step compiled the step function: time from its end
+          jax.block_until_ready(metrics)
+          window_start, timing = (step, time.perf_counter()), True
+        end = step == cfg.total_steps or stop.requested or checkpointer.reached_preemption(step)
+        if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or end:
+          window = jax.device_get(window)
+          _check_finite(window, step - len(window) + 1, cfg.nan_policy, last_saved, checkpointer.directory)
+          scalars = _scalars(window, window_start, step, cfg, task, mesh)
+          writer.write_scalars(step, scalars)
+          if jax.process_index() == 0:
+            print(metrics_lib.progress_line(step, cfg.total_steps, scalars), flush=True)
+          window, window_start = [], (step, time.perf_counter())
+        if step % cfg.ckpt_every == 0 or end:
+          save(step)
+        if task.periodic is not None and cfg.sample_every and (step % cfg.sample_every == 0 or end):
+          task.periodic(state, step, writer)
+        if end:
+          break
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
   if stop.requested:
     logging.warning("stopped at step %d; checkpoint saved in %s", step, checkpointer.directory)
   return scalars

@@ -1,7 +1,14 @@
 """The training tasks the loop runs: SFD (LightningDiT on latents) and the Semantic VAE (on DINOv2 tokens)."""
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sfd_jax import sampling, sharding as shd
 from sfd_jax.data import latents as latents_lib
+from sfd_jax.diffusion import sampler
+from sfd_jax.models.texture_vae import denormalize_texture, to_uint8
 from sfd_jax.training import config as config_lib, loop, step as step_lib
 
 
@@ -51,4 +58,41 @@ def sfd_task(cfg) -> loop.Task:
         prefetch=cfg.data.prefetch)
 
   return loop.Task(model=model, loss_fn=step_lib.sfd_loss_fn(model, cfg), make_data=make_data,
-                   flops_per_sample=model.forward_flops())
+                   flops_per_sample=model.forward_flops(), periodic=sample_hook(cfg, model, source.stats))
+
+
+def sample_hook(cfg, model, stats):
+  """Every `sample_every` steps: samples from fixed noise and labels with the EMA params; a PNG grid through the
+  texture VAE when one is configured, else the latents' statistics and a picture of three texture channels."""
+  n, c_sem = cfg.sample.num_images, cfg.loss.semantic_channels
+  labels = np.asarray([cfg.sample.labels[i % len(cfg.sample.labels)] if cfg.sample.labels else i % model.num_classes
+                       for i in range(n)], np.int32)
+  z = sampler.noise(jax.random.key(cfg.sample.seed), jnp.arange(n),
+                    (model.input_size, model.input_size, model.in_channels))
+  vae = sampling.load_texture_vae_file(cfg.sample.texture_vae) if cfg.sample.texture_vae else None
+  mean, std = (np.asarray(stats["texture"][k], np.float32) for k in ("mean", "std"))
+
+  @jax.jit
+  def generate(ema_params, vae_variables):
+    final, _ = sampler.sample(sampler.model_velocity(model, {"params": ema_params}), z, jnp.asarray(labels),
+                              delta_t=cfg.loss.delta_t, method=cfg.sample.method, num_steps=cfg.sample.num_steps,
+                              semantic_channels=c_sem)
+    if vae is None:
+      return final
+    texture = denormalize_texture(final, mean, std, 1.0, model.in_channels - c_sem)
+    return to_uint8(vae[0].apply(vae_variables, texture, method=vae[0].decode))
+
+  def periodic(state, step, writer):
+    out = shd.to_host(generate(state.ema_params, None if vae is None else vae[1]))
+    if vae is not None:
+      writer.write_image(step, "samples", np.asarray(sampling.demo_grid(out, labels, min(n, 8))))
+      return
+    writer.write_scalars(step, {"sample/texture_mean": out[..., :-c_sem].mean(),
+                                "sample/texture_std": out[..., :-c_sem].std(),
+                                "sample/semantic_mean": out[..., -c_sem:].mean(),
+                                "sample/semantic_std": out[..., -c_sem:].std()})
+    picture = np.clip((out[..., :3] + 2.5) / 5 * 255, 0, 255).astype(np.uint8)
+    picture = picture.repeat(max(1, 64 // picture.shape[1]), 1).repeat(max(1, 64 // picture.shape[2]), 2)
+    writer.write_image(step, "sample_latents", np.asarray(sampling.demo_grid(picture, labels, min(n, 8))))
+
+  return periodic
