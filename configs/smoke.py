@@ -16,5 +16,6 @@ def get_config(arg=None):
   c.optim.lr = 1e-3
   c.sample_every = 20
   c.sample.num_images = 8
+  c.sample.method = "euler"
   c.sample.num_steps = 8
   return c

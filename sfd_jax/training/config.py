@@ -67,11 +67,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3         # the newest N ...
   c.keep_period = 0              # ... plus every multiple of this step, kept for good (0: none)
   c.sample_every = 0             # steps between sample grids (0: never)
-  c.sample = dict(
+  c.sample = dict(               # the official inference settings (configs/sfd/*/inference.yaml)
       num_images=16,             # fixed noise and labels, drawn once per run
       labels=(),                 # class ids (cycled); empty: 0, 1, 2, ...
-      method="euler",            # euler | heun | dopri5
-      num_steps=32,              # euler/heun grid points
+      method="dopri5",           # dopri5 | euler | heun
+      num_steps=250,             # euler/heun grid points (num_sampling_steps)
+      rtol=1e-3,
+      atol=1e-6,
+      shift=0.0,                 # timestep_shift of the euler/heun grid
+      cfg_scale=1.0,             # > 1: classifier-free guidance with the null label
+      cfg_interval_start=0.0,
       seed=0,
       texture_vae="",            # exported texture VAE (or official .ckpt): decode to a PNG grid; empty:
                                  # latent statistics and a picture of three texture channels

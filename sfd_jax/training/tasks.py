@@ -74,9 +74,13 @@ def sample_hook(cfg, model, stats):
 
   @jax.jit
   def generate(ema_params, vae_variables):
-    final, _ = sampler.sample(sampler.model_velocity(model, {"params": ema_params}), z, jnp.asarray(labels),
-                              delta_t=cfg.loss.delta_t, method=cfg.sample.method, num_steps=cfg.sample.num_steps,
-                              semantic_channels=c_sem)
+    variables = {"params": ema_params}
+    velocity = (sampler.cfg_velocity(model, variables, cfg.sample.cfg_scale, model.num_classes,
+                                     cfg.sample.cfg_interval_start, "both", c_sem)
+                if cfg.sample.cfg_scale > 1 else sampler.model_velocity(model, variables))
+    final, _ = sampler.sample(velocity, z, jnp.asarray(labels), delta_t=cfg.loss.delta_t, method=cfg.sample.method,
+                              num_steps=cfg.sample.num_steps, shift=cfg.sample.shift, rtol=cfg.sample.rtol,
+                              atol=cfg.sample.atol, semantic_channels=c_sem)
     if vae is None:
       return final
     texture = denormalize_texture(final, mean, std, 1.0, model.in_channels - c_sem)
