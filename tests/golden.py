@@ -1,6 +1,7 @@
-"""Golden fixture lookup (`$SFD_GOLDEN_DIR`, default ../shared/golden) and layout helpers."""
+"""Test helpers: golden fixture lookup (`$SFD_GOLDEN_DIR`, default ../shared/golden), NCHW/NHWC, subprocesses."""
 import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -38,3 +39,18 @@ def nchw_to_nhwc(x):
 
 def nhwc_to_nchw(x):
   return np.moveaxis(np.asarray(x), -1, 1)
+
+
+def subprocess_env(devices: int = 1) -> dict:
+  """Environment for a JAX subprocess on `devices` fake CPU devices, sharing the tests' XLA flags and cache."""
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+  return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
+          "JAX_COMPILATION_CACHE_DIR": os.environ.get("SFD_JAX_CACHE", ""),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+
+
+def free_port() -> int:
+  """A free localhost port for a jax.distributed coordinator."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]

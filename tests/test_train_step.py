@@ -1,6 +1,5 @@
 """The train step: EMA, NaN guard, gradient accumulation, schedules, and sharded / multi-process equivalence."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import pytest
 
 from sfd_jax import sharding as shd
 from sfd_jax.training import config as config_lib, state as state_lib, step as step_lib
+from tests.golden import free_port, subprocess_env
 from tests.tiny import tiny_batch, tiny_config
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_steps.py")
@@ -87,14 +87,7 @@ def test_impossible_layouts_name_the_fix():
     step_lib.make_train_step(step_lib.sfd_loss_fn(model, cfg), tx, cfg, mesh, None)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def _env(devices):
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+_env = subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +119,7 @@ def test_sharded_meshes_match_one_device(eight_devices):
 
 def test_two_processes_match_one(eight_devices, tmp_path):
   """Two jax.distributed CPU processes with 2 devices each = one process with 4 devices (mesh 2×2)."""
-  port, out = _free_port(), tmp_path / "two.npz"
+  port, out = free_port(), tmp_path / "two.npz"
   workers = [subprocess.Popen([sys.executable, SCRIPT, "--out", str(out), "--meshes", "2x2", "--process", str(i),
                                "--num_processes", "2", "--port", str(port)], env=_env(2),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,10 @@ import pytest
 from ml_collections import ConfigDict
 
 from sfd_jax.training import checkpoint as ckpt_lib, config as config_lib, state as state_lib
-from tests.golden import REPO
+from tests.golden import REPO, free_port, subprocess_env
 
 SMOKE = str(REPO / "configs" / "smoke.py")
-CACHE = os.environ.get("SFD_JAX_CACHE", str(Path.home() / ".cache/sfd_jax/xla"))
-
-
-def _env(devices=1):
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-          "JAX_COMPILATION_CACHE_DIR": CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+_env = subprocess_env
 
 
 def _command(workdir, *overrides, extra=()):
@@ -141,16 +135,10 @@ def test_resume_on_another_mesh(smoke_run, tmp_path):
   assert "resumed from step 40" in result.stderr and "step 50/50" in result.stdout
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_one(tmp_path):
   overrides = ("total_steps=6", "log_every=3", "ckpt_every=6", "sample_every=0")
   train(tmp_path / "one", *overrides, devices=2)
-  port = _free_port()
+  port = free_port()
   workers = [subprocess.Popen(_command(tmp_path / "two", *overrides, extra=(
       f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={i}")), env=_env(1),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
