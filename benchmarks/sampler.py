@@ -27,7 +27,7 @@ from sfd_jax.diffusion import sampler  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("field", "model", ["model", "gmm"], "A network (fixture or --model) or the analytic GMM field.")
-flags.DEFINE_string("model", None, "Exported model dir or official file (default: the golden fixture model).")
+flags.DEFINE_string("model", None, "Exported model dir, training workdir or official file (default: the golden model).")
 flags.DEFINE_string("model_kwargs", None, "Official kwargs (JSON) of an official --model file.")
 flags.DEFINE_string("golden", str(Path(__file__).resolve().parents[2] / "shared" / "golden"), "Golden fixtures.")
 flags.DEFINE_integer("num_samples", 8, "Samples (non-fixture fields).")
@@ -152,7 +152,7 @@ def problem():
       exact, official = np.moveaxis(r["exact/final"], 1, -1), np.moveaxis(s["dopri5/final"], 1, -1)
     return "fixture", sampler.model_velocity(model, variables), z, y, runs["dopri5"]["delta_t"], exact, \
         (official, runs["dopri5"]["nfe"])
-  from sfd_jax.cli.sample import load_diffusion_model
+  from sfd_jax.sampling import load_diffusion_model
   model, variables, official = load_diffusion_model(
       FLAGS.model, model_kwargs=json.loads(FLAGS.model_kwargs) if FLAGS.model_kwargs else None)
   delta = FLAGS.delta_t if FLAGS.delta_t is not None else float(official.get("semfirst_delta_t", 0.3))
