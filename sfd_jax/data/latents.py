@@ -2,7 +2,7 @@
 
 A dataset is a directory that `tfds.data_source` / `tfds.builder_from_directory` opens: a tfds dataset named
 `sfd_latents` in ArrayRecord format with one record per image ({texture, texture_flip, semantic,
-semantic_flip, [dino, dino_flip], label, index}, latents NHWC and raw, not normalised), plus `stats.json`
+semantic_flip, [dino, dino_flip], [image], label, index}, latents NHWC and raw, not normalised), plus `stats.json`
 (per-channel mean and unbiased std of the un-flipped texture and semantic latents) and `meta.json` (what
 produced it). It is written without TensorFlow, shard by shard, each shard atomically (a half-written shard
 never looks finished), so an extraction can stop anywhere and resume.
@@ -14,9 +14,10 @@ goes into every checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import grain
@@ -37,13 +38,17 @@ class DatasetError(ValueError):
 
 def record_spec(latent_size: int, texture_channels: int = 32, semantic_channels: int = 16,
                 dino_tokens: int | None = 256, dino_dim: int = 768, latent_dtype: str = "float16",
-                dino_dtype: str | None = "float16") -> dict:
-  """The JSON-able description of a record (what `meta.json` stores under `record`)."""
+                dino_dtype: str | None = "float16", image_size: int | None = None) -> dict:
+  """The JSON-able description of a record (what `meta.json` stores under `record`).
+
+  `image_size` stores the centre-cropped uint8 image (`image`, its flip being the mirror), from which a train
+  step can compute the DINO tokens itself when they are not stored (dino_dtype None).
+  """
   if dino_dtype is not None and dino_dtype not in DINO_DTYPES:
     raise DatasetError(f"dino_dtype {dino_dtype!r} is not one of {sorted(DINO_DTYPES)} or None (not stored)")
   return dict(latent_size=latent_size, texture_channels=texture_channels, semantic_channels=semantic_channels,
               dino_tokens=dino_tokens if dino_dtype else None, dino_dim=dino_dim, latent_dtype=latent_dtype,
-              dino_dtype=dino_dtype)
+              dino_dtype=dino_dtype, image_size=image_size)
 
 
 def _features(spec: Mapping):
@@ -58,6 +63,8 @@ def _features(spec: Mapping):
     dino = np.uint16 if spec["dino_dtype"] == "bfloat16" else np.dtype(spec["dino_dtype"])
     for name in ("dino", "dino_flip"):
       feats[name] = tfds.features.Tensor(shape=(spec["dino_tokens"], spec["dino_dim"]), dtype=dino)
+  if spec.get("image_size"):
+    feats["image"] = tfds.features.Tensor(shape=(spec["image_size"], spec["image_size"], 3), dtype=np.uint8)
   return tfds.features.FeaturesDict(feats)
 
 
@@ -103,11 +110,44 @@ class ChannelStats:
     return stats
 
 
+class ShardWriter:
+  """Records of one shard being written (to a hidden temporary file) with their running channel statistics."""
+
+  def __init__(self, writer: "LatentWriter", shard: int):
+    from array_record.python.array_record_module import ArrayRecordWriter
+    self.writer, self.shard = writer, shard
+    self.path = _shard_path(writer.directory, shard, writer.num_shards)
+    self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+    self.count, self.skipped = 0, []
+    self.texture = ChannelStats(writer.spec["texture_channels"])
+    self.semantic = ChannelStats(writer.spec["semantic_channels"])
+    self._out = ArrayRecordWriter(str(self.tmp), "group_size:1")
+
+  def write(self, record: Mapping) -> None:
+    w = self.writer
+    self._out.write(w._serializer.serialize_example(w._features.encode_example(w._encode(record))))
+    self.texture.update(record["texture"])
+    self.semantic.update(record["semantic"])
+    self.count += 1
+
+  def skip(self, index: int, reason: str) -> None:
+    """Lists a source image left out of the dataset (it goes into meta.json)."""
+    self.skipped.append({"index": int(index), "reason": str(reason)})
+
+  def _commit(self) -> None:
+    self._out.close()
+    os.replace(self.tmp, self.path)
+    stats = {"records": self.count, "texture": self.texture.to_dict(), "semantic": self.semantic.to_dict(),
+             "skipped": self.skipped}
+    write_json_atomic(Path(f"{self.path}.stats.json"), stats)
+
+
 class LatentWriter:
   """Writes a latent dataset shard by shard; `finish()` adds the tfds metadata, stats.json and meta.json.
 
   Shards are independent (any host may write any shard) and atomic: a shard file and its `.stats.json`
-  sidecar appear only when complete, so `is_done(shard)` tells a resumed extraction what to skip.
+  sidecar appear only when complete, so `is_done(shard)` tells a resumed extraction what to skip; a shard
+  interrupted anywhere (even by SIGKILL) leaves only a hidden temporary file, which the next attempt overwrites.
   """
 
   def __init__(self, directory, num_shards: int, spec: Mapping, meta: Mapping | None = None):
@@ -122,22 +162,39 @@ class LatentWriter:
     path = _shard_path(self.directory, shard, self.num_shards)
     return path.exists() and Path(f"{path}.stats.json").exists()
 
-  def write_shard(self, shard: int, records: Sequence[Mapping]) -> int:
+  def check_plan(self, plan: Mapping, write: bool = True) -> None:
+    """A resumed run must make the same dataset: `plan` (what fixes the content: source, encoders, settings) is
+    stored by the first run (when `write`) and compared on every later one."""
+    path = self.directory / "plan.json"
+    plan = json.loads(json.dumps(plan))
+    if path.exists():
+      started = json.loads(path.read_text())
+      differ = sorted(k for k in set(started) | set(plan) if started.get(k) != plan.get(k))
+      if differ:
+        raise DatasetError(f"{self.directory} holds a dataset started with another {', '.join(differ)}; resume "
+                           "it with the same inputs and settings, or write to a new output directory")
+    elif write:
+      write_json_atomic(path, plan)
+
+  @contextlib.contextmanager
+  def shard(self, shard: int):
+    """`with writer.shard(i) as out: out.write(record) ...`: the shard appears complete when the block ends
+    without an exception; on an exception nothing is published and the exception propagates."""
+    out = ShardWriter(self, shard)
+    try:
+      yield out
+    except BaseException:
+      out._out.close()
+      out.tmp.unlink(missing_ok=True)
+      raise
+    out._commit()
+
+  def write_shard(self, shard: int, records: Iterable[Mapping]) -> int:
     """Writes one whole shard (records in order); returns the number of records."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-    path = _shard_path(self.directory, shard, self.num_shards)
-    tmp = path.with_name(f".{path.name}.tmp")
-    texture, semantic = ChannelStats(self.spec["texture_channels"]), ChannelStats(self.spec["semantic_channels"])
-    writer = ArrayRecordWriter(str(tmp), "group_size:1")
-    for record in records:
-      writer.write(self._serializer.serialize_example(self._features.encode_example(self._encode(record))))
-      texture.update(record["texture"])
-      semantic.update(record["semantic"])
-    writer.close()
-    os.replace(tmp, path)
-    stats = {"records": len(records), "texture": texture.to_dict(), "semantic": semantic.to_dict()}
-    _write_json_atomic(Path(f"{path}.stats.json"), stats)
-    return len(records)
+    with self.shard(shard) as out:
+      for record in records:
+        out.write(record)
+    return out.count
 
   def _encode(self, record: Mapping) -> dict:
     out = {"label": int(record["label"]), "index": int(record["index"])}
@@ -148,33 +205,64 @@ class LatentWriter:
       for key in ("dino", "dino_flip"):
         value = np.asarray(record[key]).astype(DINO_DTYPES[self.spec["dino_dtype"]])
         out[key] = value.view(np.uint16) if self.spec["dino_dtype"] == "bfloat16" else value
+    if self.spec.get("image_size"):
+      out["image"] = np.asarray(record["image"], np.uint8)
     return out
 
-  def finish(self) -> dict:
-    """Checks every shard is there, writes the metadata and the merged stats; returns the stats."""
+  def _sidecars(self) -> list[dict]:
+    return [json.loads(Path(f"{_shard_path(self.directory, i, self.num_shards)}.stats.json").read_text())
+            for i in range(self.num_shards)]
+
+  def finish(self, stats: Mapping | None = None) -> dict:
+    """Checks every shard is there, writes the metadata and the stats; returns the stats.
+
+    The stats are the exact merge of the shards' (mean and unbiased std of the un-flipped latents), except those
+    `stats` gives ({'texture': {'mean', 'std', 'source'}, 'semantic': ...}, e.g. the official stats files that
+    released models were trained with). meta.json lists the skipped source images of every shard.
+    """
     import tensorflow_datasets as tfds
     missing = [i for i in range(self.num_shards) if not self.is_done(i)]
     if missing:
       raise DatasetError(f"{self.directory}: shards {missing[:5]} are not written yet; run the extraction again")
-    shard_stats = [json.loads(Path(f"{_shard_path(self.directory, i, self.num_shards)}.stats.json").read_text())
-                   for i in range(self.num_shards)]
+    shard_stats = self._sidecars()
     lengths = [s["records"] for s in shard_stats]
     num_bytes = sum(_shard_path(self.directory, i, self.num_shards).stat().st_size for i in range(self.num_shards))
     tfds.folder_dataset.write_metadata(
         data_dir=self.directory, features=self._features, filename_template=FILE_TEMPLATE, check_data=False,
         split_infos=[tfds.core.SplitInfo(name="train", shard_lengths=lengths, num_bytes=num_bytes)])
-    stats = {"num_samples": sum(lengths)}
+    merged = {"num_samples": sum(lengths)}
     for key in ("texture", "semantic"):
-      merged = ChannelStats(self.spec[f"{key}_channels"])
+      channels = ChannelStats(self.spec[f"{key}_channels"])
       for s in shard_stats:
-        merged.merge(ChannelStats.from_dict(s[key]))
-      stats[key] = {"mean": merged.mean.tolist(), "std": merged.std.tolist()}
-    _write_json_atomic(self.directory / "stats.json", stats)
-    _write_json_atomic(self.directory / "meta.json", {**self.meta, "record": self.spec})
-    return stats
+        channels.merge(ChannelStats.from_dict(s[key]))
+      merged[key] = {"mean": channels.mean.tolist(), "std": channels.std.tolist()}
+      if key in (stats or {}):
+        merged[key] = {"mean": [float(v) for v in stats[key]["mean"]], "std": [float(v) for v in stats[key]["std"]],
+                       "source": stats[key].get("source", "given")}
+    skipped = sorted((item for s in shard_stats for item in s.get("skipped", ())), key=lambda item: item["index"])
+    write_json_atomic(self.directory / "stats.json", merged)
+    write_json_atomic(self.directory / "meta.json", {**self.meta, "record": self.spec, "num_records": sum(lengths),
+                                                      "skipped": skipped})
+    return merged
+
+  def count_records(self) -> int:
+    """The records actually in the shard files (read from each file, not from the metadata); raises if a shard
+    holds another number than its sidecar says."""
+    from array_record.python.array_record_module import ArrayRecordReader
+    total = 0
+    for i, sidecar in enumerate(self._sidecars()):
+      reader = ArrayRecordReader(str(_shard_path(self.directory, i, self.num_shards)))
+      count = reader.num_records()
+      reader.close()
+      if count != sidecar["records"]:
+        raise DatasetError(f"shard {i} of {self.directory} holds {count} records but was written with "
+                           f"{sidecar['records']}; delete it and its .stats.json and run the extraction again")
+      total += count
+    return total
 
 
-def _write_json_atomic(path: Path, obj):
+def write_json_atomic(path: Path, obj):
+  """Writes JSON so that a reader sees the old file or the whole new one, never a part."""
   tmp = path.with_name(f".{path.name}.tmp")
   tmp.write_text(json.dumps(obj, indent=1))
   os.replace(tmp, path)
@@ -249,11 +337,14 @@ class SyntheticLatents:
       dino = rng.normal(size=(self.spec["dino_tokens"], self.spec["dino_dim"]))
       record["dino"] = dino.astype(DINO_DTYPES[self.spec["dino_dtype"]])
       record["dino_flip"] = record["dino"]
+    if self.spec.get("image_size"):
+      record["image"] = rng.integers(0, 256, (self.spec["image_size"],) * 2 + (3,), dtype=np.uint8)
     return record
 
 
-def normalizer(stats: Mapping, use_dino: bool):
-  """record (+ flip choice) → {'x': (h, w, C) float32 normalised [texture | semantic], 'y', 'dino', 'index'}."""
+def normalizer(stats: Mapping, use_dino: bool, use_images: bool = False):
+  """record (+ flip choice) → {'x': (h, w, C) float32 normalised [texture | semantic], 'y', 'index', and 'dino'
+  (stored tokens) and/or 'image' (the stored uint8 image, mirrored for the flipped copy)}."""
   tex_mean, tex_std = (np.asarray(stats["texture"][k], np.float32) for k in ("mean", "std"))
   sem_mean, sem_std = (np.asarray(stats["semantic"][k], np.float32) for k in ("mean", "std"))
 
@@ -266,41 +357,67 @@ def normalizer(stats: Mapping, use_dino: bool):
            "index": np.int64(record["index"])}
     if use_dino:
       out["dino"] = np.asarray(record["dino" + suffix], np.float32)
+    if use_images:
+      image = np.asarray(record["image"], np.uint8)
+      out["image"] = np.ascontiguousarray(image[:, ::-1]) if flip else image
     return out
   return normalize
 
 
-def latent_pipeline(source, stats: Mapping, *, global_batch_size: int, seed: int, shuffle: bool = True,
-                    flip: bool = True, use_dino: bool = True, num_epochs: int | None = None,
-                    shard_index: int = 0, shard_count: int = 1, num_workers: int = 0,
-                    prefetch: int = 8) -> grain.DatasetIterator:
-  """A checkpointable iterator over this host's rows of each global batch (global_batch_size / shard_count).
+def host_batches(flat: grain.MapDataset, global_batch_size: int, *, shard_index: int = 0, shard_count: int = 1,
+                 transform=None, num_workers: int = 0, prefetch: int = 8) -> grain.DatasetIterator:
+  """A checkpointable iterator over this host's rows of each global batch of `flat`, each row mapped by
+  `transform` first.
 
-  The record order (seeded shuffle, new each epoch, no repeats inside one) and the flip choices are fixed per
-  position in one global sequence, and global batch b is positions [b·G, (b+1)·G): host i reads only its rows
-  of it. The batches a run sees therefore do not depend on how many hosts read them.
-  `num_epochs=None` repeats forever.
+  Position k of `flat` is the k-th element of one global sequence (any per-element randomness must already be
+  drawn there, from the position); global batch b is positions [b·G, (b+1)·G) and host i reads only its rows
+  of it, [i·G/n, (i+1)·G/n). The batches a run sees therefore do not depend on how many hosts read them. A last
+  partial batch is dropped.
   """
-  if use_dino and not getattr(source, "spec", {}).get("dino_dtype", "float16"):
-    raise DatasetError("this dataset stores no DINO tokens but the loss needs them (REPA weight > 0); "
-                       "re-extract with DINO tokens or set loss.repa_weight=0")
   if global_batch_size % shard_count:
     raise DatasetError(f"global batch {global_batch_size} cannot be split evenly over {shard_count} hosts")
-  if len(source) < global_batch_size:
-    raise DatasetError(f"the dataset has {len(source)} records, fewer than one batch ({global_batch_size}); "
-                       "use a smaller batch or more data")
+  if len(flat) < global_batch_size:
+    raise DatasetError(f"{len(flat)} records are fewer than one batch ({global_batch_size}); use a smaller "
+                       "batch or more data")
   local = global_batch_size // shard_count
-  flat = grain.MapDataset.source(source).seed(seed)
-  if shuffle:
-    flat = flat.shuffle()
-  flat = flat.repeat(num_epochs)
-  flat = flat.random_map(lambda record, rng: (record, bool(flip and rng.random() < 0.5)))
   num_batches = len(flat) // global_batch_size
   position = lambda k: (k // local) * global_batch_size + shard_index * local + k % local
   ds = grain.MapDataset.range(num_batches * local).map(lambda k: flat[position(k)])
-  ds = ds.map(normalizer(stats, use_dino)).batch(local, drop_remainder=True)
+  if transform is not None:
+    ds = ds.map(transform)
+  ds = ds.batch(local, drop_remainder=True)
   threads = 0 if num_workers else prefetch
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
   if num_workers:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(it)
+
+
+def latent_pipeline(source, stats: Mapping, *, global_batch_size: int, seed: int, shuffle: bool = True,
+                    flip: bool = True, use_dino: bool = True, use_images: bool = False,
+                    num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1,
+                    num_workers: int = 0, prefetch: int = 8) -> grain.DatasetIterator:
+  """A checkpointable iterator over this host's rows of each global batch (global_batch_size / shard_count).
+
+  The record order (seeded shuffle, new each epoch, no repeats inside one) and the flip choices are fixed per
+  position in one global sequence (see `host_batches`), so the batches a run sees do not depend on how many
+  hosts read them. `use_images` passes the stored images on (for a train step that computes DINO tokens from
+  them). `num_epochs=None` repeats forever.
+  """
+  spec = getattr(source, "spec", {})
+  if use_dino and not spec.get("dino_dtype", "float16"):
+    raise DatasetError("this dataset stores no DINO tokens but the loss needs them (REPA weight > 0); "
+                       "re-extract with DINO tokens, compute them from the stored images in the train step, "
+                       "or set loss.repa_weight=0")
+  if use_images and not spec.get("image_size"):
+    raise DatasetError("this dataset stores no images; re-extract it with --dino_dtype=none (which stores them)")
+  if len(source) < global_batch_size:
+    raise DatasetError(f"the dataset has {len(source)} records, fewer than one batch ({global_batch_size}); "
+                       "use a smaller batch or more data")
+  flat = grain.MapDataset.source(source).seed(seed)
+  if shuffle:
+    flat = flat.shuffle()
+  flat = flat.repeat(num_epochs)
+  flat = flat.random_map(lambda record, rng: (record, bool(flip and rng.random() < 0.5)))
+  return host_batches(flat, global_batch_size, shard_index=shard_index, shard_count=shard_count,
+                      transform=normalizer(stats, use_dino, use_images), num_workers=num_workers, prefetch=prefetch)

@@ -1,0 +1,345 @@
+"""Images → the latent dataset (DESIGN.md §6): texture latents, DINOv2 tokens and semantic latents of every image
+and of its mirror image, written shard by shard.
+
+For each image (ADM centre crop at `resolution`) and its horizontal flip:
+- texture latent: the texture VAE's posterior sample of the image in [-1, 1] (the official extraction,
+  `VA_VAE.encode_images`, stores samples), or its mean;
+- DINO tokens: DINOv2 the REPA way (`models.dinov2.repa_features`: ImageNet mean/std, bicubic resize to
+  224·(res/256), final-norm patch tokens, no cls or registers), stored as float16 (default), bfloat16, or not at
+  all, in which case the cropped image is stored so a train step can compute them;
+- semantic latent: the SemVAE posterior sample (paper Eq. 6) of the token grid, or its mean.
+Every random draw comes from fold_in(key(seed), image index), so a record does not depend on its batch, the
+number of devices or the number of hosts.
+
+Shards are runs of `shard_size` consecutive source images; shard i is written by host i mod process_count, its
+batches split over that host's devices. A rerun skips finished shards and redoes a half-written one; unreadable
+images are skipped, logged and listed in meta.json. The run ends with stats.json (merged exactly over shards)
+and a count of the records actually in the shard files.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from sfd_jax import sharding as shd
+from sfd_jax.convert import export, files
+from sfd_jax.convert.dinov2 import load_dinov2
+from sfd_jax.convert.io import load_state_dict
+from sfd_jax.convert.texture_vae import load_texture_vae
+from sfd_jax.data import images as images_lib, latents as latents_lib
+from sfd_jax.models.dinov2 import DINOv2, repa_features
+from sfd_jax.models.layers import posterior_std
+from sfd_jax.models.semvae import SemVAE
+from sfd_jax.models.texture_vae import AutoencoderKL
+
+LATENT_MODES = ("sample", "mean")
+ENCODER_CLASSES = {"texture": AutoencoderKL, "dino": DINOv2, "semvae": SemVAE}
+DINO_RECIPE = "REPA: /255, ImageNet mean/std, bicubic resize to 224·(res/256), final-norm patch tokens"
+
+
+# -------------------------------------------------------------------------------------------------------- encoders
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+  """A frozen model, its variables, and what identifies it in meta.json (path, class, fields, sha256)."""
+  model: Any
+  variables: Any
+  info: dict
+
+
+def params_sha256(params) -> str:
+  """A digest of a params tree (names, dtypes, shapes and values): which weights made a dataset."""
+  digest = hashlib.sha256()
+  for path, leaf in sorted(flax.traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(params)),
+                                                           sep="/").items()):
+    leaf = np.ascontiguousarray(leaf)
+    digest.update(f"{path}:{leaf.dtype}:{leaf.shape};".encode())
+    digest.update(leaf.tobytes())
+  return digest.hexdigest()
+
+
+def make_encoder(model, variables, **info) -> Encoder:
+  """An Encoder of in-memory weights (its sha256 computed here)."""
+  return Encoder(model, variables, {"class": type(model).__name__, "fields": export.model_fields(model),
+                                    "sha256": params_sha256(variables["params"]), **info})
+
+
+def load_encoder(kind: str, path, *, dtype: str | None = None, trust_pickle: bool = False) -> Encoder:
+  """The `kind` ('texture', 'dino' or 'semvae') encoder from an exported model directory (`cli.convert`,
+  `cli.train_semvae`), or for 'dino' a Hugging Face directory / facebookresearch .pth, for 'texture' the
+  official LDM checkpoint (SD-VAE f16d32 layout). `dtype` overrides the compute dtype (params stay float32)."""
+  if kind not in ENCODER_CLASSES:
+    raise ValueError(f"encoder kind {kind!r} is not one of {sorted(ENCODER_CLASSES)}")
+  path = Path(path)
+  if not path.exists():
+    what = {"texture": "an exported texture VAE or the official LDM .ckpt",
+            "dino": "an exported DINOv2, a Hugging Face directory or the facebookresearch .pth",
+            "semvae": "the SemVAE that `python -m sfd_jax.cli.train_semvae` exported"}[kind]
+    raise FileNotFoundError(f"the {kind} encoder {path} does not exist; pass {what}")
+  extra = {}
+  if (path / "model.json").exists():
+    model, variables, meta = export.load_model(path)
+    extra = {k: v for k, v in meta.items() if k not in ("class", "fields")}
+  elif kind == "dino":
+    model, variables = load_dinov2(path, trust_pickle=trust_pickle)
+  elif kind == "texture":
+    model, variables = load_texture_vae(files.SD_VAE_F16D32, 32, load_state_dict(path, trust_pickle=trust_pickle))
+  else:
+    raise FileNotFoundError(f"{path} is not an exported SemVAE (no model.json); `python -m sfd_jax.cli."
+                            "train_semvae` exports one to <workdir>/semvae")
+  if not isinstance(model, ENCODER_CLASSES[kind]):
+    raise ValueError(f"{path} holds a {type(model).__name__}, not the {ENCODER_CLASSES[kind].__name__} expected "
+                     f"as the {kind} encoder; check the order of the paths")
+  if dtype:
+    model = model.clone(dtype=jnp.dtype(dtype))
+  return make_encoder(model, variables, path=str(path.absolute()), **extra)
+
+
+def dino_grid(model: DINOv2, variables, images, resolution: int | None = None):
+  """DINO tokens of uint8 NHWC images, REPA recipe, as the (B, g, g, D) grid a SemVAE reads (row-major)."""
+  tokens = repa_features(model, variables, images, resolution)
+  g = math.isqrt(tokens.shape[1])
+  return tokens.reshape(tokens.shape[0], g, g, tokens.shape[2])
+
+
+def latent_layout(texture: Encoder, dino: Encoder, semvae: Encoder, resolution: int) -> dict:
+  """Latent size and channels, DINO tokens and width at `resolution`; errors when the three do not fit."""
+  images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.uint8)
+  tex = jax.eval_shape(lambda v, x: texture.model.apply(v, x.astype(jnp.float32), method="encode")[0],
+                       texture.variables, images)
+  tokens = jax.eval_shape(lambda v, x: repa_features(dino.model, v, x, resolution), dino.variables, images)
+  n, d = tokens.shape[1:]
+  g = math.isqrt(n)
+  problems = []
+  if g * g != n or (g, g) != tex.shape[1:3]:
+    problems.append(f"the texture latent is {tex.shape[1]}×{tex.shape[2]} but DINOv2 gives {n} tokens; at "
+                    "SFD's layout (f16 texture VAE, DINOv2/14, REPA resize) both are 16·(res/256) a side, so use "
+                    "a resolution that is a multiple of 256")
+  if semvae.model.feature_dim != d:
+    problems.append(f"the SemVAE reads {semvae.model.feature_dim}-d features but DINOv2 gives {d}-d tokens; "
+                    "use the DINOv2 the SemVAE was trained on")
+  trained_on = (semvae.info.get("trained_on") or {}).get("dino_sha256")
+  if trained_on and trained_on != dino.info["sha256"]:
+    problems.append(f"the SemVAE was trained on features of DINOv2 weights {trained_on[:12]}…, not of the given "
+                    f"ones ({dino.info['sha256'][:12]}…); pass the DINOv2 it was trained with")
+  if problems:
+    raise ValueError("the encoders do not fit together: " + "; ".join(problems))
+  return dict(latent_size=g, texture_channels=tex.shape[-1], semantic_channels=semvae.model.latent_channels,
+              dino_tokens=n, dino_dim=d)
+
+
+# ----------------------------------------------------------------------------------------------------- the encoding
+
+def _latent(mean, logvar, keys, stream: int, mode: str):
+  """The posterior mean, or a sample whose noise for row i comes from fold_in(keys[i], stream)."""
+  if mode == "mean":
+    return mean
+  noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), mean.shape[1:], mean.dtype))(keys)
+  return mean + posterior_std(logvar) * noise
+
+
+@functools.partial(jax.jit, static_argnames=("texture", "dino", "semvae", "resolution", "texture_mode",
+                                             "semantic_mode", "dino_dtype"))
+def encode_images(variables, images, indices, seed, *, texture, dino, semvae, resolution, texture_mode,
+                  semantic_mode, dino_dtype):
+  """uint8 (B, H, W, 3) centre crops → {texture, texture_flip, semantic, semantic_flip[, dino, dino_flip]}.
+
+  `variables` = {'texture', 'dino', 'semvae'}; `indices` (B,) are the images' source indices, which with `seed`
+  fix every random draw (streams: 0/1 texture/flip, 2/3 semantic/flip).
+  """
+  b = images.shape[0]
+  both = jnp.concatenate([images, images[:, :, ::-1]])
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(indices)
+  pixels = (both.astype(jnp.float32) / 255.0 - 0.5) / 0.5  # ToTensor + Normalize(0.5, 0.5), as torchvision
+  mean, logvar = texture.apply(variables["texture"], pixels, method="encode")
+  tex = jnp.concatenate([_latent(mean[:b], logvar[:b], keys, 0, texture_mode),
+                         _latent(mean[b:], logvar[b:], keys, 1, texture_mode)])
+  tokens = repa_features(dino, variables["dino"], both, resolution)
+  g = math.isqrt(tokens.shape[1])
+  mean, logvar = semvae.apply(variables["semvae"], tokens.reshape(2 * b, g, g, tokens.shape[2]), method="encode")
+  sem = jnp.concatenate([_latent(mean[:b], logvar[:b], keys, 2, semantic_mode),
+                         _latent(mean[b:], logvar[b:], keys, 3, semantic_mode)])
+  out = {"texture": tex[:b], "texture_flip": tex[b:], "semantic": sem[:b], "semantic_flip": sem[b:]}
+  if dino_dtype:
+    tokens = tokens.astype(dino_dtype)
+    out.update(dino=tokens[:b], dino_flip=tokens[b:])
+  return out
+
+
+# ------------------------------------------------------------------------------------------------------ extraction
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What an extraction makes (all but `batch_size` and `num_threads` fix the dataset's content)."""
+  resolution: int = 256
+  shard_size: int = 1000             # source images per shard (about 0.85 GB per shard with fp16 DINO tokens)
+  texture_latent: str = "sample"     # sample (official) | mean
+  semantic_latent: str = "sample"    # sample (paper Eq. 6) | mean
+  latent_dtype: str = "float16"      # float16 | float32
+  dino_dtype: str | None = "float16"  # float16 | bfloat16 | None (not stored: the cropped image is stored instead)
+  seed: int = 0
+  max_images: int = 0                # the first N source images (0: all)
+  batch_size: int = 32               # images per step on this host, split over its devices
+  num_threads: int = 16              # image decoding threads
+
+
+def _check_settings(s: Settings, local_devices: int):
+  for name in ("texture_latent", "semantic_latent"):
+    if getattr(s, name) not in LATENT_MODES:
+      raise ValueError(f"{name} {getattr(s, name)!r} is not one of {LATENT_MODES}")
+  if s.latent_dtype not in ("float16", "float32"):
+    raise ValueError(f"latent_dtype {s.latent_dtype!r} is not one of ('float16', 'float32')")
+  if s.batch_size <= 0 or s.batch_size % local_devices:
+    raise ValueError(f"batch_size {s.batch_size} must be a positive multiple of this host's {local_devices} "
+                     "devices")
+  if s.shard_size <= 0:
+    raise ValueError(f"shard_size {s.shard_size} must be positive")
+
+
+def _load(source, index: int, resolution: int):
+  """(index, centre crop or None, label, why it was skipped)."""
+  try:
+    record = source[index]
+    return index, images_lib.adm_center_crop(record["image"], resolution), int(record["label"]), None
+  except images_lib.UnreadableImage as e:
+    return index, None, None, e.reason
+
+
+def _prefetched(pool, load, chunks, ahead: int = 2) -> Iterator[list]:
+  """[load(i) for i in chunk] for each chunk, decoding up to `ahead` chunks in advance on `pool`."""
+  chunks = iter(chunks)
+  queue = collections.deque([pool.submit(load, i) for i in chunk] for chunk in itertools.islice(chunks, ahead))
+  while queue:
+    futures = queue.popleft()
+    queue.extend([pool.submit(load, i) for i in chunk] for chunk in itertools.islice(chunks, 1))
+    yield [f.result() for f in futures]
+
+
+class _Extraction:
+  """The device side (encoders replicated over this host's devices, batches split over them) and the records."""
+
+  def __init__(self, encoders: Mapping[str, Encoder], settings: Settings, spec: Mapping):
+    devices = jax.local_devices()
+    self.mesh = shd.make_mesh(devices=devices)
+    self.settings, self.spec = settings, spec
+    replicated = NamedSharding(self.mesh, P())
+    self.variables = jax.device_put({k: encoders[k].variables for k in ENCODER_CLASSES}, replicated)
+    self.static = dict(texture=encoders["texture"].model, dino=encoders["dino"].model,
+                       semvae=encoders["semvae"].model, resolution=settings.resolution,
+                       texture_mode=settings.texture_latent, semantic_mode=settings.semantic_latent,
+                       dino_dtype=settings.dino_dtype and jnp.dtype(latents_lib.DINO_DTYPES[settings.dino_dtype]))
+    self.seed = jax.device_put(np.int32(settings.seed), replicated)
+
+  def dispatch(self, rows):
+    """Starts encoding the readable images of `rows` (padded to a full batch: one compilation)."""
+    good = [r for r in rows if r[1] is not None]
+    if not good:
+      return rows, None
+    pad = self.settings.batch_size - len(good)
+    images = np.stack([r[1] for r in good] + [good[-1][1]] * pad)
+    indices = np.asarray([r[0] for r in good] + [good[-1][0]] * pad, np.int32)
+    put = lambda x: jax.device_put(x, shd.batch_sharding(self.mesh, x.ndim))
+    return rows, encode_images(self.variables, put(images), put(indices), self.seed, **self.static)
+
+  def write(self, out: latents_lib.ShardWriter, dispatched) -> int:
+    """Writes the records of a dispatched batch in index order, lists its unreadable images; returns the rows."""
+    rows, outputs = dispatched
+    host = jax.device_get(outputs) if outputs is not None else {}
+    k = 0
+    for index, image, label, reason in rows:
+      if image is None:
+        logging.warning("skipped unreadable image %d: %s", index, reason)
+        out.skip(index, reason)
+        continue
+      record = {key: value[k] for key, value in host.items()}
+      record.update(label=label, index=index)
+      if self.spec["image_size"]:
+        record["image"] = image
+      out.write(record)
+      k += 1
+    return len(rows)
+
+
+def extract(source, encoders: Mapping[str, Encoder], out, settings: Settings = Settings(), *,
+            progress: bool = True) -> dict | None:
+  """Writes the latent dataset of `source` (an `images` source: records and `describe()`) under `out`;
+  resumable. Every host calls it.
+
+  `encoders` = {'texture', 'dino', 'semvae'}. Returns on process 0 {'directory', 'records', 'skipped', 'stats'}
+  after the final count, elsewhere None.
+  """
+  _check_settings(settings, jax.local_device_count())
+  layout = latent_layout(encoders["texture"], encoders["dino"], encoders["semvae"], settings.resolution)
+  num_images = min(len(source), settings.max_images) if settings.max_images else len(source)
+  if not num_images:
+    raise ValueError("the image source holds no images; check its path")
+  num_shards = math.ceil(num_images / settings.shard_size)
+  spec = latents_lib.record_spec(**layout, latent_dtype=settings.latent_dtype, dino_dtype=settings.dino_dtype,
+                                 image_size=None if settings.dino_dtype else settings.resolution)
+  content = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("batch_size", "num_threads")}
+  meta = {"source": source.describe(), "num_images": num_images, **content, "crop": "ADM centre crop",
+          "flip": "horizontal", "dino_recipe": DINO_RECIPE, "encoders": {k: encoders[k].info for k in ENCODER_CLASSES}}
+  writer = latents_lib.LatentWriter(out, num_shards, spec, meta)
+  writer.check_plan({"source": meta["source"], "num_images": num_images, **content, "record": spec,
+                     "encoders": {k: encoders[k].info["sha256"] for k in ENCODER_CLASSES}},
+                    write=jax.process_index() == 0)
+
+  mine = [s for s in range(num_shards) if s % jax.process_count() == jax.process_index() and not writer.is_done(s)]
+  shard_chunks = {s: [list(range(start, min(start + settings.batch_size, stop)))
+                      for start in range(s * settings.shard_size, stop, settings.batch_size)]
+                  for s in mine for stop in [min((s + 1) * settings.shard_size, num_images)]}
+  if mine:
+    extraction = _Extraction(encoders, settings, spec)
+    bar = tqdm(total=sum(len(c) for s in mine for c in shard_chunks[s]), unit="img", smoothing=0.05,
+               dynamic_ncols=True, disable=not progress or jax.process_index() != 0,
+               desc=f"extract → {writer.directory.parent.parent}")
+    load = functools.partial(_load, source, resolution=settings.resolution)
+    pool = ThreadPoolExecutor(settings.num_threads)
+    skipped = 0
+    try:  # images are decoded ahead across shard boundaries; each shard is published after its last batch
+      batches = _prefetched(pool, load, [chunk for s in mine for chunk in shard_chunks[s]])
+      for shard in mine:
+        with writer.shard(shard) as shard_out:
+          pending = None
+          for _ in shard_chunks[shard]:  # the device encodes batch k while batch k − 1 is written
+            dispatched = extraction.dispatch(next(batches))
+            if pending is not None:
+              bar.update(extraction.write(shard_out, pending))
+            pending = dispatched
+          bar.update(extraction.write(shard_out, pending))
+          skipped += len(shard_out.skipped)
+        bar.set_postfix(shard=shard, skipped=skipped)
+    finally:
+      pool.shutdown(wait=True, cancel_futures=True)
+      bar.close()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("sfd_jax extraction: all shards written")
+  if jax.process_index() != 0:
+    return None
+  stats = writer.finish()
+  records = writer.count_records()
+  skipped = json.loads((writer.directory / "meta.json").read_text())["skipped"]
+  if records + len(skipped) != num_images:
+    raise latents_lib.DatasetError(
+        f"{writer.directory} holds {records} records and lists {len(skipped)} skipped images, but the source has "
+        f"{num_images}; delete the dataset directory and extract again")
+  return {"directory": str(writer.directory), "records": records, "skipped": skipped, "stats": stats}
+
