@@ -28,6 +28,7 @@ from sfd_jax import sharding
 from sfd_jax.convert import export
 from sfd_jax.convert.dit import load_dit, official_sfd_kwargs
 from sfd_jax.convert.io import load_state_dict, select_state_dict
+from sfd_jax.data import extract as extract_lib
 from sfd_jax.diffusion import sampler
 from sfd_jax.models.texture_vae import denormalize_texture, to_uint8
 
@@ -118,18 +119,6 @@ def load_training_run(workdir, dtype=jnp.float32, step: int | None = None):
   checkpointer.close()
   return model, {"params": params}, {"semfirst_delta_t": cfg.loss.delta_t,
                                       "semantic_chans": cfg.loss.semantic_channels}
-
-
-def load_texture_vae_file(path, dtype=jnp.float32, trust_pickle: bool = False):
-  """(vae, variables) from an exported directory or an official LDM checkpoint of SD-VAE f16d32."""
-  path = Path(path)
-  if (path / "model.json").exists():
-    vae, variables, _ = export.load_model(path, dtype=dtype)
-    return vae, variables
-  from sfd_jax.convert.files import SD_VAE_F16D32
-  from sfd_jax.convert.texture_vae import load_texture_vae
-  vae, variables = load_texture_vae(SD_VAE_F16D32, 32, load_state_dict(path, trust_pickle=trust_pickle))
-  return vae.clone(dtype=dtype), variables
 
 
 def load_texture_stats(path, trust_pickle: bool = False):
@@ -287,7 +276,8 @@ def run(s: Settings) -> Path:
   if s.guide_model:
     guide_model, guide_vars, _ = load_diffusion_model(s.guide_model, s.guide_preset, s.guide_model_kwargs, dtype,
                                                       s.trust_pickle)
-  vae, vae_vars = load_texture_vae_file(s.vae, dtype, s.trust_pickle)
+  vae = extract_lib.load_encoder("texture", s.vae, dtype=s.dtype, trust_pickle=s.trust_pickle)
+  vae, vae_vars = vae.model, vae.variables
   mean, std = load_texture_stats(s.stats, s.trust_pickle)
   delta_t = s.delta_t if s.delta_t is not None else float(
       official.get("semfirst_delta_t", 0.3 if model.dual_timestep else 0.0))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sfd_jax.eval.images import FolderImages, NpzImages, Subset, center_crop, digest, open_images
+from sfd_jax.eval.images import FolderImages, NpzImages, Subset, digest, open_images
 from sfd_jax.eval.reference import read_reference
 
 
@@ -71,17 +71,6 @@ def test_folder_reads_sorted_images_and_checks_sizes(tmp_path):
   with pytest.raises(ValueError, match="centre-crop"):
     open_images(tmp_path).read(range(4))
   assert open_images(tmp_path, image_size=4).read(range(4)).shape == (4, 4, 4, 3)
-
-
-def test_adm_center_crop():
-  # 600×300: halved once (short side 300 ≥ 2·128) to 300×150, bicubic to 256×128, then the centre 128 columns.
-  ramp = np.tile(np.linspace(0, 255, 600).astype(np.uint8), (300, 1))
-  image = Image.fromarray(np.stack([ramp] * 3, axis=-1))
-  out = center_crop(image, 128)
-  expected = np.asarray(image.resize((300, 150), Image.BOX).resize((256, 128), Image.BICUBIC))[:, 64:192]
-  assert out.shape == (128, 128, 3)
-  np.testing.assert_array_equal(out, expected)
-  assert abs(int(out[:, 64].mean()) - 128) <= 2  # the centre of the ramp stays in the centre
 
 
 def test_tfds_split_is_read_through_data_source():

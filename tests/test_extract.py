@@ -2,11 +2,8 @@
 the encoders applied to the cropped images, unreadable images skipped and listed, resume after a kill, and the
 command line feeding the training pipeline."""
 import json
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,15 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sfd_jax import sharding as shd
 from sfd_jax.convert import export
 from sfd_jax.data import extract, images, latents
 from sfd_jax.models.dinov2 import DINOv2, repa_features
 from sfd_jax.models.semvae import SemVAE
 from sfd_jax.models.texture_vae import AutoencoderKL
 from sfd_jax.training import config as config_lib, tasks
+from tests.golden import free_port, subprocess_env
 
 SETTINGS = extract.Settings(shard_size=4, batch_size=2, seed=11)
-CACHE = os.environ.get("SFD_JAX_CACHE", str(Path.home() / ".cache/sfd_jax/xla"))
 BROKEN = 6  # index of the corrupt file in the folder below
 
 
@@ -189,12 +187,6 @@ def test_encoders_that_do_not_fit_are_refused(encoders):
     extract.load_encoder("semvae", "/nonexistent/semvae")
 
 
-def _free_port():
-  with socket.socket() as sock:
-    sock.bind(("localhost", 0))
-    return sock.getsockname()[1]
-
-
 def test_two_hosts_of_two_devices_write_the_same_dataset(folder, encoders, dataset, tmp_path):
   """The command line as two jax.distributed processes with two CPU devices each: each writes its shards, process
   0 finishes; the result equals the single-device dataset (up to float16 rounding of differently split batches)."""
@@ -203,9 +195,8 @@ def test_two_hosts_of_two_devices_write_the_same_dataset(folder, encoders, datas
   command = [sys.executable, "-m", "sfd_jax.cli.extract", "--source=folder", f"--path={folder}",
              f"--out={tmp_path / 'data'}", "--shard_size=4", "--batch_size=2", "--seed=11",
              f"--texture_vae={paths['texture']}", f"--dino={paths['dino']}", f"--semvae={paths['semvae']}",
-             f"--coordinator=localhost:{_free_port()}", "--num_processes=2"]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-         "JAX_COMPILATION_CACHE_DIR": CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+             f"--coordinator=localhost:{free_port()}", "--num_processes=2"]
+  env = subprocess_env(2)
   workers = [subprocess.Popen(command + [f"--process_id={i}"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [w.communicate(timeout=300) for w in workers]
@@ -250,3 +241,12 @@ def test_images_instead_of_dino_tokens_feed_the_training_pipeline(encoders, tmp_
     texture = np.asarray(source[int(index)]["texture_flip" if flips[-1] else "texture"], np.float32)
     np.testing.assert_allclose(x[..., :4], (texture - mean) / std, rtol=1e-5, atol=1e-5)
   assert any(flips) and not all(flips)
+  # The SFD task computes the REPA targets from those images on device, with the configured DINOv2.
+  cfg.dino.path = str(export.save_model(tmp_path / "dino", encoders["dino"].model, encoders["dino"].variables))
+  cfg.batch_size = 6
+  task = tasks.sfd_task(cfg)
+  host = next(task.make_data(0, 1))
+  device = task.preprocess(shd.shard_batch(shd.make_mesh(), {k: v for k, v in host.items() if k != "index"}))
+  assert "image" not in device and task.flops_per_sample > cfg.model.hidden_size
+  np.testing.assert_allclose(np.asarray(device["dino"]), np.asarray(
+      repa_features(encoders["dino"].model, encoders["dino"].variables, host["image"])), atol=1e-5)

@@ -14,7 +14,8 @@ import torch
 
 from sfd_jax.convert import ConversionError, load_state_dict, load_texture_vae, select_state_dict, texture_vae_to_torch
 from sfd_jax.convert.texture_vae import texture_vae_kwargs
-from sfd_jax.models.texture_vae import AutoencoderKL, denormalize_texture, posterior_sample, to_uint8
+from sfd_jax.models.layers import posterior_sample
+from sfd_jax.models.texture_vae import AutoencoderKL, denormalize_texture, to_uint8
 
 # Official Encoder/Decoder kwargs of a tiny two-level model: widths 32 → 64, attention at nominal 16 (level 1).
 TINY_KWARGS = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16], dropout=0.0,

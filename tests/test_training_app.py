@@ -1,7 +1,6 @@
 """The training application end to end, through its command line in subprocesses: smoke run, kill and resume
 (bit-exact), NaN stop, bad input, corrupt checkpoints, another mesh, and two processes."""
 import json
-import os
 import signal
 import subprocess
 import sys

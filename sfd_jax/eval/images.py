@@ -14,20 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from sfd_jax.data.images import adm_center_crop
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 _FORMS = "an ADM .npz batch (arr_0: uint8 N×H×W×3), a folder of images, or tfds:NAME[:SPLIT]"
-
-
-def center_crop(image: Image.Image, size: int) -> np.ndarray:
-  """ADM's `center_crop_arr`: halve with a box filter while the short side ≥ 2·size, bicubic-resize the short side
-  to `size`, then crop the centre square. This is how ADM's ImageNet reference batches were made."""
-  while min(image.size) >= 2 * size:
-    image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-  scale = size / min(image.size)
-  image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-  arr = np.asarray(image.convert("RGB"))
-  top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-  return arr[top:top + size, left:left + size]
 
 
 def _check_images(images, what: str) -> np.ndarray:
@@ -115,7 +105,8 @@ class NpzImages:
 def _load_image(path: Path, size: int | None) -> np.ndarray:
   try:
     with Image.open(path) as image:
-      return center_crop(image, size) if size else np.asarray(image.convert("RGB"))
+      rgb = np.asarray(image.convert("RGB"))
+      return adm_center_crop(rgb, size) if size else rgb
   except OSError as e:
     raise ValueError(f"cannot read image {path}: {e}") from e
 
@@ -162,7 +153,7 @@ class TfdsImages:
 
   def _convert(self, image) -> np.ndarray:
     image = np.asarray(image)
-    return center_crop(Image.fromarray(image), self.image_size) if self.image_size else image
+    return adm_center_crop(image, self.image_size) if self.image_size else image
 
   def __len__(self):
     return len(self.source)

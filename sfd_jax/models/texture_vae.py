@@ -13,8 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sfd_jax.models.layers import posterior_sample, posterior_std  # noqa: F401 (re-exported)
-
 Dtype = Any
 
 LOGVAR_RANGE = (-30.0, 20.0)  # the official DiagonalGaussianDistribution clamp

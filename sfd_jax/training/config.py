@@ -25,6 +25,17 @@ def model_config(preset: str = "XL", **overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fields)
 
 
+def dino_config() -> ml_collections.ConfigDict:
+  """The frozen DINOv2 a run computes tokens with (SemVAE training; SFD on datasets that store no tokens)."""
+  return ml_collections.ConfigDict(dict(
+      path="",                   # exported DINOv2 (cli.convert), Hugging Face directory, or facebookresearch .pth
+      dtype="float32",           # compute dtype of the frozen DINOv2
+      trust_pickle=False,
+      random_init=False,         # tests and smoke runs only: a random-weight DINOv2 with `random_fields`, no file
+      random_fields=dict(image_size=224, hidden_size=32, depth=1, num_heads=2),
+  ))
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The official SFD-XL recipe for the objective, optimiser and EMA; machine settings for one host."""
   c = ml_collections.ConfigDict()
@@ -62,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
       num_workers=0,             # grain worker processes (0: threads in the training process)
       prefetch=8,
   )
+  # Only for datasets extracted without DINO tokens (--dino_dtype=none): the REPA targets are computed in the
+  # train step from the stored images (one DINOv2 forward per sample).
+  c.dino = dino_config()
   c.log_every = 100
   c.ckpt_every = 20_000
   c.keep_checkpoints = 3         # the newest N ...

@@ -9,7 +9,6 @@ the run with a message naming the step and the last good checkpoint, saving noth
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import signal
 import time
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from sfd_jax import sharding as shd
 from sfd_jax.training import checkpoint as ckpt_lib, metrics as metrics_lib, state as state_lib, step as step_lib

@@ -50,13 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = dict(latent_channels=16, hidden_size=768, encoder_depth=4, decoder_depth=4, num_heads=6, mlp_ratio=4.0,
                  dtype="float32")
-  c.dino = dict(
-      path="",                   # exported DINOv2 (cli.convert), Hugging Face directory, or facebookresearch .pth
-      dtype="float32",           # compute dtype of the frozen DINOv2
-      trust_pickle=False,
-      random_init=False,         # tests and smoke runs only: a random-weight DINOv2 with `random_fields`, no file
-      random_fields=dict(image_size=224, hidden_size=32, depth=1, num_heads=2),
-  )
+  c.dino = config_lib.dino_config()
   c.loss = dict(mse_weight=1.0, cos_weight=1.0, kl_weight=1e-7)
   c.optim = ml_collections.ConfigDict(base.optim.to_dict())
   c.optim.update(lr=5e-5, weight_decay=0.01, schedule="cosine", warmup_steps=500, constant_steps=800_000,

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sfd_jax import sampling, sharding as shd
-from sfd_jax.data import latents as latents_lib
+from sfd_jax.data import extract as extract_lib, latents as latents_lib
 from sfd_jax.diffusion import sampler
+from sfd_jax.models.dinov2 import repa_features
 from sfd_jax.models.texture_vae import denormalize_texture, to_uint8
 from sfd_jax.training import config as config_lib, loop, step as step_lib
 
@@ -49,16 +50,40 @@ def sfd_task(cfg) -> loop.Task:
   """SFD training of the LightningDiT of `cfg.model` on the latents of `cfg.data`."""
   model = config_lib.build_model(cfg.model)
   source = latent_source(cfg.data, cfg.model, cfg.loss)
-  use_dino = cfg.model.use_repa and cfg.loss.repa_weight != 0
+  use_repa = cfg.model.use_repa and cfg.loss.repa_weight != 0
+  stored_tokens = bool(source.spec.get("dino_dtype"))
+  use_images = use_repa and not stored_tokens
 
   def make_data(shard_index, shard_count):
     return latents_lib.latent_pipeline(
-        source, source.stats, global_batch_size=cfg.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle, flip=cfg.data.flip,
-        use_dino=use_dino, shard_index=shard_index, shard_count=shard_count, num_workers=cfg.data.num_workers,
-        prefetch=cfg.data.prefetch)
+        source, source.stats, global_batch_size=cfg.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
+        flip=cfg.data.flip, use_dino=use_repa and stored_tokens, use_images=use_images, shard_index=shard_index,
+        shard_count=shard_count, num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
 
+  preprocess, flops = None, model.forward_flops()
+  if use_images:
+    preprocess, dino_flops = dino_preprocess(cfg)
+    flops += dino_flops / 3  # the loop counts 3× the per-sample FLOPs; DINOv2 only runs forward
   return loop.Task(model=model, loss_fn=step_lib.sfd_loss_fn(model, cfg), make_data=make_data,
-                   flops_per_sample=model.forward_flops(), periodic=sample_hook(cfg, model, source.stats))
+                   flops_per_sample=flops, periodic=sample_hook(cfg, model, source.stats), preprocess=preprocess)
+
+
+def dino_preprocess(cfg):
+  """(preprocess, DINOv2 FLOPs per sample): the REPA targets computed on device from the stored images."""
+  from sfd_jax.training.semvae import load_dino
+  mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+  dino = load_dino(cfg.dino, mesh, cfg.seed)
+  features = jax.jit(lambda variables, images: repa_features(dino.model, variables, images),
+                     out_shardings=shd.batch_sharding(mesh, 3))
+  size = cfg.model.input_size * 16  # the image resolution an f16 latent grid of input_size comes from
+  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8)
+  flops = float(features.lower(dino.variables, images).cost_analysis().get("flops", 0.0))
+
+  def preprocess(batch):
+    batch = dict(batch)
+    batch["dino"] = features(dino.variables, batch.pop("image"))
+    return batch
+  return preprocess, flops
 
 
 def sample_hook(cfg, model, stats):
@@ -69,7 +94,7 @@ def sample_hook(cfg, model, stats):
                        for i in range(n)], np.int32)
   z = sampler.noise(jax.random.key(cfg.sample.seed), jnp.arange(n),
                     (model.input_size, model.input_size, model.in_channels))
-  vae = sampling.load_texture_vae_file(cfg.sample.texture_vae) if cfg.sample.texture_vae else None
+  vae = extract_lib.load_encoder("texture", cfg.sample.texture_vae) if cfg.sample.texture_vae else None
   mean, std = (np.asarray(stats["texture"][k], np.float32) for k in ("mean", "std"))
 
   @jax.jit
@@ -84,10 +109,10 @@ def sample_hook(cfg, model, stats):
     if vae is None:
       return final
     texture = denormalize_texture(final, mean, std, 1.0, model.in_channels - c_sem)
-    return to_uint8(vae[0].apply(vae_variables, texture, method=vae[0].decode))
+    return to_uint8(vae.model.apply(vae_variables, texture, method=vae.model.decode))
 
   def periodic(state, step, writer):
-    out = shd.to_host(generate(state.ema_params, None if vae is None else vae[1]))
+    out = shd.to_host(generate(state.ema_params, None if vae is None else vae.variables))
     if vae is not None:
       writer.write_image(step, "samples", np.asarray(sampling.demo_grid(out, labels, min(n, 8))))
       return

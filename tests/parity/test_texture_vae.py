@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from sfd_jax.convert.texture_vae import load_texture_vae
-from sfd_jax.models.texture_vae import denormalize_texture, posterior_std, to_uint8
+from sfd_jax.models.layers import posterior_std
+from sfd_jax.models.texture_vae import denormalize_texture, to_uint8
 from tests.golden import load_golden, nchw_to_nhwc
 
 ATOL = 1e-4  # golden README, "VAE"; an independent float64 port is within 2e-6 (posterior) and 1.4e-5 (decoded).
