@@ -63,6 +63,7 @@ def test_bad_inputs_are_refused():
     preprocess_repa(jnp.zeros((1, 256, 256, 3), jnp.float32))
   with pytest.raises(ValueError, match="< 256"):
     preprocess_repa(jnp.zeros((1, 128, 128, 3), jnp.uint8))
+  assert preprocess_repa(jnp.zeros((1, 32, 32, 3), jnp.uint8), 56).shape == (1, 56, 56, 3)
   model = dinov2("S")
   params = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())
   with pytest.raises(ValueError, match="NHWC images with 3 channels"):

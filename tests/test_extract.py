@@ -174,8 +174,11 @@ def test_resume_after_a_kill_gives_the_same_dataset(folder, encoders, dataset, t
 
 
 def test_encoders_that_do_not_fit_are_refused(encoders):
-  with pytest.raises(ValueError, match="multiple of 256"):
-    extract.latent_layout(encoders["texture"], encoders["dino"], encoders["semvae"], 384)
+  wider = encoders["semvae"].model.clone(feature_dim=encoders["semvae"].model.feature_dim + 1)
+  with pytest.raises(ValueError, match="SemVAE reads .*-d features but DINOv2 gives"):
+    extract.latent_layout(encoders["texture"], encoders["dino"], extract.Encoder(wider, {}, {}), 256)
+  layout = extract.latent_layout(encoders["texture"], encoders["dino"], encoders["semvae"], 384)
+  assert layout["dino_tokens"] == layout["latent_size"] ** 2  # the DINO tokens follow the latent grid
   other = _tiny_encoders(dino_seed=5)["dino"]
   semvae = extract.Encoder(encoders["semvae"].model, encoders["semvae"].variables,
                            {**encoders["semvae"].info, "trained_on": {"dino_sha256": other.info["sha256"]}})

@@ -4,9 +4,10 @@ and of its mirror image, written shard by shard.
 For each image (ADM centre crop at `resolution`) and its horizontal flip:
 - texture latent: the texture VAE's posterior sample of the image in [-1, 1] (the official extraction,
   `VA_VAE.encode_images`, stores samples), or its mean;
-- DINO tokens: DINOv2 the REPA way (`models.dinov2.repa_features`: ImageNet mean/std, bicubic resize to
-  224·(res/256), final-norm patch tokens, no cls or registers), stored as float16 (default), bfloat16, or not at
-  all, in which case the cropped image is stored so a train step can compute them;
+- DINO tokens: DINOv2 the REPA way (`models.dinov2.repa_features`: ImageNet mean/std, bicubic resize to the
+  texture latent's grid × patch size, i.e. REPA's 224 px at 256 px; final-norm patch tokens, no cls or registers),
+  stored as float16 (default), bfloat16, or not at all, in which case the cropped image is stored so a train
+  step can compute them;
 - semantic latent: the SemVAE posterior sample (paper Eq. 6) of the token grid, or its mean.
 Every random draw comes from fold_in(key(seed), image index), so a record does not depend on its batch, the
 number of devices or the number of hosts.
@@ -113,9 +114,10 @@ def load_encoder(kind: str, path, *, dtype: str | None = None, trust_pickle: boo
   return make_encoder(model, variables, path=str(path.absolute()), **extra)
 
 
-def dino_grid(model: DINOv2, variables, images, resolution: int | None = None):
-  """DINO tokens of uint8 NHWC images, REPA recipe, as the (B, g, g, D) grid a SemVAE reads (row-major)."""
-  tokens = repa_features(model, variables, images, resolution)
+def dino_grid(model: DINOv2, variables, images, grid: int | None = None):
+  """DINO tokens of uint8 NHWC images, REPA recipe, as the (B, g, g, D) grid a SemVAE reads (row-major);
+  `grid` as `repa_features` (default: REPA's 16·(W/256) for DINOv2/14)."""
+  tokens = repa_features(model, variables, images, grid)
   g = math.isqrt(tokens.shape[1])
   return tokens.reshape(tokens.shape[0], g, g, tokens.shape[2])
 
@@ -125,14 +127,12 @@ def latent_layout(texture: Encoder, dino: Encoder, semvae: Encoder, resolution: 
   images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.uint8)
   tex = jax.eval_shape(lambda v, x: texture.model.apply(v, x.astype(jnp.float32), method="encode")[0],
                        texture.variables, images)
-  tokens = jax.eval_shape(lambda v, x: repa_features(dino.model, v, x, resolution), dino.variables, images)
+  g = tex.shape[1]  # DINOv2 sees grid·patch px, so its tokens line up with the texture latent
+  tokens = jax.eval_shape(lambda v, x: repa_features(dino.model, v, x, g), dino.variables, images)
   n, d = tokens.shape[1:]
-  g = math.isqrt(n)
   problems = []
-  if g * g != n or (g, g) != tex.shape[1:3]:
-    problems.append(f"the texture latent is {tex.shape[1]}×{tex.shape[2]} but DINOv2 gives {n} tokens; at "
-                    "SFD's layout (f16 texture VAE, DINOv2/14, REPA resize) both are 16·(res/256) a side, so use "
-                    "a resolution that is a multiple of 256")
+  if tex.shape[1] != tex.shape[2]:
+    problems.append(f"the texture latent is {tex.shape[1]}×{tex.shape[2]}; square images make square latents")
   if semvae.model.feature_dim != d:
     problems.append(f"the SemVAE reads {semvae.model.feature_dim}-d features but DINOv2 gives {d}-d tokens; "
                     "use the DINOv2 the SemVAE was trained on")
@@ -156,9 +156,9 @@ def _latent(mean, logvar, keys, stream: int, mode: str):
   return mean + posterior_std(logvar) * noise
 
 
-@functools.partial(jax.jit, static_argnames=("texture", "dino", "semvae", "resolution", "texture_mode",
+@functools.partial(jax.jit, static_argnames=("texture", "dino", "semvae", "texture_mode",
                                              "semantic_mode", "dino_dtype"))
-def encode_images(variables, images, indices, seed, *, texture, dino, semvae, resolution, texture_mode,
+def encode_images(variables, images, indices, seed, *, texture, dino, semvae, texture_mode,
                   semantic_mode, dino_dtype):
   """uint8 (B, H, W, 3) centre crops → {texture, texture_flip, semantic, semantic_flip[, dino, dino_flip]}.
 
@@ -172,8 +172,8 @@ def encode_images(variables, images, indices, seed, *, texture, dino, semvae, re
   mean, logvar = texture.apply(variables["texture"], pixels, method="encode")
   tex = jnp.concatenate([_latent(mean[:b], logvar[:b], keys, 0, texture_mode),
                          _latent(mean[b:], logvar[b:], keys, 1, texture_mode)])
-  tokens = repa_features(dino, variables["dino"], both, resolution)
-  g = math.isqrt(tokens.shape[1])
+  g = tex.shape[1]
+  tokens = repa_features(dino, variables["dino"], both, g)
   mean, logvar = semvae.apply(variables["semvae"], tokens.reshape(2 * b, g, g, tokens.shape[2]), method="encode")
   sem = jnp.concatenate([_latent(mean[:b], logvar[:b], keys, 2, semantic_mode),
                          _latent(mean[b:], logvar[b:], keys, 3, semantic_mode)])
@@ -243,8 +243,7 @@ class _Extraction:
     replicated = NamedSharding(self.mesh, P())
     self.variables = jax.device_put({k: encoders[k].variables for k in ENCODER_CLASSES}, replicated)
     self.static = dict(texture=encoders["texture"].model, dino=encoders["dino"].model,
-                       semvae=encoders["semvae"].model, resolution=settings.resolution,
-                       texture_mode=settings.texture_latent, semantic_mode=settings.semantic_latent,
+                       semvae=encoders["semvae"].model, texture_mode=settings.texture_latent, semantic_mode=settings.semantic_latent,
                        dino_dtype=settings.dino_dtype and jnp.dtype(latents_lib.DINO_DTYPES[settings.dino_dtype]))
     self.seed = jax.device_put(np.int32(settings.seed), replicated)
 

@@ -247,23 +247,26 @@ def dinov2(preset: str, **kwargs) -> DINOv2:
   return DINOv2(**{**PRESETS[preset], **kwargs})
 
 
-def preprocess_repa(images, resolution: int | None = None):
-  """REPA's DINOv2 input from uint8 NHWC images: /255, ImageNet mean/std, bicubic resize (no antialias) to
-  224·(resolution // 256) px square. `resolution` defaults to the image width, as REPA reads it from the batch."""
+def preprocess_repa(images, size: int | None = None):
+  """REPA's DINOv2 input from uint8 NHWC images: /255, ImageNet mean/std, bicubic resize (no antialias) to `size`
+  px square; by default REPA's 224·(W // 256) for images W px wide."""
   if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != jnp.uint8:
     raise ValueError(f"preprocess_repa expects uint8 NHWC RGB images, got {images.dtype} {images.shape}")
-  resolution = images.shape[2] if resolution is None else resolution
-  if resolution < 256:
-    raise ValueError(f"the REPA recipe resizes to 224·(resolution // 256) px; resolution {resolution} < 256")
-  size = 224 * (resolution // 256)
+  size = 224 * (images.shape[2] // 256) if size is None else size
+  if size <= 0:
+    raise ValueError(f"REPA resizes to 224·(W // 256) px, nothing for {images.shape[2]} px images < 256; give the "
+                     "input size (latent grid × patch size)")
   x = images.astype(jnp.float32) / 255.0
   x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
   return resize_bicubic(x, (size, size))
 
 
-def repa_features(model: DINOv2, variables, images, resolution: int | None = None):
-  """REPA targets of uint8 NHWC images: the final-norm patch tokens (B, N, D), no cls or registers.
+def repa_features(model: DINOv2, variables, images, grid: int | None = None):
+  """REPA targets of uint8 NHWC images: the final-norm patch tokens (B, grid², D), no cls or registers.
 
-  Equal to REPA's timm-resampled `dinov2_vit*14_reg(...)["x_norm_patchtokens"]`; see the module docstring.
+  The input is resized to grid·patch px so that the tokens line up with a grid×grid latent; by default REPA's
+  224·(W // 256), i.e. the 16·(W/256) grid of an f16 latent for DINOv2/14. Equal to REPA's timm-resampled
+  `dinov2_vit*14_reg(...)["x_norm_patchtokens"]`; see the module docstring.
   """
-  return model.apply(variables, preprocess_repa(images, resolution))["patch_tokens"]
+  size = None if grid is None else grid * model.patch_size
+  return model.apply(variables, preprocess_repa(images, size))["patch_tokens"]

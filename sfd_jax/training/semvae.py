@@ -64,7 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
       tfds_name="imagenet2012",
       split="train",
       digits_size=256,
-      resolution=256,            # the crop size; DINOv2 sees 224·(resolution/256) px
+      resolution=256,            # the crop size
+      dino_grid=0,               # DINO tokens per side; DINOv2 sees dino_grid·patch px (0: REPA's 224·(res/256))
       crop="random",             # random (ADM random crop, short side in [res, res/min_crop_frac]) | center
       min_crop_frac=0.8,
       flip=False,                # a horizontal flip with probability 1/2 after the random crop
@@ -166,7 +167,7 @@ class SemVAETraining:
   @functools.cached_property
   def _features(self):
     """uint8 image batch (sharded) → DINO token grids, jitted; the DINO params are an argument, not constants."""
-    grid = functools.partial(extract_lib.dino_grid, self.dino.model, resolution=self.cfg.data.resolution)
+    grid = functools.partial(extract_lib.dino_grid, self.dino.model, grid=self.cfg.data.dino_grid or None)
     return jax.jit(grid, out_shardings=shd.batch_sharding(self.mesh, 4))
 
   def preprocess(self, batch) -> dict:
@@ -243,7 +244,7 @@ def prepare(cfg) -> SemVAETraining:
   shd.check_batch_size(mesh, cfg.eval_batch_size, "eval_batch_size")
   dino = load_dino(cfg.dino, mesh, cfg.seed)
   images = jax.ShapeDtypeStruct((1, d.resolution, d.resolution, 3), jnp.uint8)
-  grid = jax.eval_shape(functools.partial(extract_lib.dino_grid, dino.model, resolution=d.resolution),
+  grid = jax.eval_shape(functools.partial(extract_lib.dino_grid, dino.model, grid=d.dino_grid or None),
                         dino.variables, images)
   model = build_semvae(cfg.model, feature_dim=grid.shape[-1], grid_size=grid.shape[1])
   logging.info("SemVAE on %d training images (%d held out), DINO tokens %s", len(train), len(heldout), grid.shape[1:])

@@ -62,21 +62,22 @@ def sfd_task(cfg) -> loop.Task:
 
   preprocess, flops = None, model.forward_flops()
   if use_images:
-    preprocess, dino_flops = dino_preprocess(cfg)
+    preprocess, dino_flops = dino_preprocess(cfg, source.spec["image_size"])
     flops += dino_flops / 3  # the loop counts 3× the per-sample FLOPs; DINOv2 only runs forward
   return loop.Task(model=model, loss_fn=step_lib.sfd_loss_fn(model, cfg), make_data=make_data,
                    flops_per_sample=flops, periodic=sample_hook(cfg, model, source.stats), preprocess=preprocess)
 
 
-def dino_preprocess(cfg):
-  """(preprocess, DINOv2 FLOPs per sample): the REPA targets computed on device from the stored images."""
+def dino_preprocess(cfg, image_size: int):
+  """(preprocess, DINOv2 FLOPs per sample): the REPA targets computed on device from the stored images, one
+  token per DiT token."""
   from sfd_jax.training.semvae import load_dino
   mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
   dino = load_dino(cfg.dino, mesh, cfg.seed)
-  features = jax.jit(lambda variables, images: repa_features(dino.model, variables, images),
+  grid = cfg.model.input_size // cfg.model.patch_size
+  features = jax.jit(lambda variables, images: repa_features(dino.model, variables, images, grid),
                      out_shardings=shd.batch_sharding(mesh, 3))
-  size = cfg.model.input_size * 16  # the image resolution an f16 latent grid of input_size comes from
-  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8)
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8)
   flops = float(features.lower(dino.variables, images).cost_analysis().get("flops", 0.0))
 
   def preprocess(batch):
