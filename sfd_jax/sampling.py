@@ -106,8 +106,7 @@ def load_training_run(workdir, dtype=jnp.float32, step: int | None = None):
   from ml_collections import ConfigDict
 
   from sfd_jax.training import checkpoint as ckpt_lib, config as config_lib
-  workdir = Path(workdir)
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints")
+  checkpointer = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints")
   steps = checkpointer.steps()
   if not steps:
     raise FileNotFoundError(f"{workdir} has no finished checkpoint yet")
@@ -115,7 +114,7 @@ def load_training_run(workdir, dtype=jnp.float32, step: int | None = None):
   cfg = ConfigDict(checkpointer.config(step))
   model = config_lib.build_model(cfg.model).clone(dtype=dtype)
   abstract = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
-  params = checkpointer.restore_ema(step, abstract)
+  params = checkpointer.restore_params(step, abstract)
   checkpointer.close()
   return model, {"params": params}, {"semfirst_delta_t": cfg.loss.delta_t,
                                       "semantic_chans": cfg.loss.semantic_channels}

@@ -12,6 +12,8 @@ square after resizing the short side to a random size (`adm_random_crop`, the au
 """
 from __future__ import annotations
 
+import hashlib
+
 import io
 import logging
 import math
@@ -210,6 +212,10 @@ class Subset:
 
   def __getitem__(self, i):
     return self.source[int(self.indices[int(i)])]
+
+  def describe(self) -> dict:
+    return {**self.source.describe(), "subset": len(self), "subset_sha256": hashlib.sha256(
+        self.indices.tobytes()).hexdigest()}
 
 
 def heldout_split(num_images: int, heldout: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -66,16 +66,24 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
 
-  def restore_ema(self, step: int, abstract_params):
-    """Only the EMA params of checkpoint `step` (no optimiser state is read), on the shardings of
-    `abstract_params` (ShapeDtypeStructs; without shardings they land on the default device)."""
+  def restore_params(self, step: int, abstract_params, which: str = "ema_params"):
+    """Only the EMA params (`which='ema_params'`) or the raw params (`'params'`) of checkpoint `step`, no optimiser
+    state read, on the shardings of `abstract_params` (ShapeDtypeStructs; without: the default device)."""
     reader = ocp.CheckpointManager(self.directory, item_names=("state",),
                                    item_handlers={"state": ocp.PyTreeCheckpointHandler()},
                                    options=ocp.CheckpointManagerOptions(create=False))
-    target = {"ema_params": abstract_params}
+    target = {which: abstract_params}
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
-    return reader.restore(step, args=ocp.args.Composite(state=args))["state"]["ema_params"]
+    return reader.restore(step, args=ocp.args.Composite(state=args))["state"][which]
+
+  def latest_params(self, model, which: str = "ema_params"):
+    """(step, params) of the newest checkpoint, for `model` (a flax module with `dummy_inputs`)."""
+    steps = self.steps()
+    if not steps:
+      raise FileNotFoundError(f"{self.directory} has no finished checkpoint yet")
+    abstract = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
+    return steps[-1], self.restore_params(steps[-1], abstract, which)
 
   def config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

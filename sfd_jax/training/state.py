@@ -78,4 +78,7 @@ def abstract_train_state(model, tx, mesh: Mesh, sharding_cfg) -> tuple[TrainStat
 def create_train_state(model, tx, mesh: Mesh, sharding_cfg, rng) -> tuple[TrainState, TrainState]:
   """(state, shardings): a fresh state created directly on its shardings (no full copy on one device)."""
   _, shardings = abstract_train_state(model, tx, mesh, sharding_cfg)
-  return jax.jit(_initializer(model, tx), out_shardings=shardings)(rng), shardings
+  init = jax.jit(_initializer(model, tx), out_shardings=shardings).lower(rng)
+  # It runs once: on CPU a quick compile (a third of the time) beats faster code.
+  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+  return init.compile(compiler_options=options)(rng), shardings

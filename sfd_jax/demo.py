@@ -1,0 +1,319 @@
+"""The built-in demo: the whole SFD pipeline on scikit-learn's handwritten digits, offline, on a CPU, in minutes.
+
+Every stage goes through the library's real code paths and resumes when run again (a finished stage's output is
+reused, an unfinished training run continues from its checkpoint):
+
+1. texture VAE: a small LDM `AutoencoderKL` (f2) trained on the digits (MSE + KL) by the training loop;
+2. semantic encoder: a small DINOv2-architecture ViT trained as a digit classifier; its final-norm patch tokens
+   are the semantic features (as DINOv2's are for ImageNet), and the classifier later judges the samples;
+3. SemVAE: trained on those tokens (`training.semvae`, the same task as for DINOv2-B);
+4. extraction: images → texture latents, DINO tokens, semantic latents, in the latent dataset format;
+5. SFD: a small LightningDiT with REPA trained on those latents (`training.tasks.sfd_task`), once with the
+   semantic lead Δ and once with Δ = 0 (synchronous), for the same steps;
+6. sampling: Dopri5 with classifier-free guidance for each class, decoded by the texture VAE, and for both runs
+   the class accuracy of the samples under the classifier, the Fréchet distance between classifier features of
+   samples and held-out digits, and the model calls per sample. Grids, `results.json` and a table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from sfd_jax import sampling
+from sfd_jax.convert import export
+from sfd_jax.data import extract as extract_lib, images as images_lib, latents as latents_lib
+from sfd_jax.diffusion import sampler
+from sfd_jax.eval import fid
+from sfd_jax.models.dinov2 import DINOv2, preprocess_repa
+from sfd_jax.models.layers import posterior_sample
+from sfd_jax.models.texture_vae import AutoencoderKL, denormalize_texture, to_uint8
+from sfd_jax.training import checkpoint as ckpt_lib, config as config_lib, loop, semvae as semvae_lib, tasks
+
+NUM_CLASSES = 10
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+
+def demo_config(quick: bool = False) -> ml_collections.ConfigDict:
+  """Sizes and steps of every stage; `quick` (the CI run) trains each stage briefly."""
+  steps = (lambda full, fast: fast if quick else full)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.resolution = 16                     # digits (8×8 originals) upscaled to 16 px RGB; an f2 texture VAE gives 8×8
+  c.heldout_images = 297                # of the 1,797 digits: the rest trains every stage
+  c.batch_size = 32
+  c.texture_vae = dict(model=dict(ch=32, ch_mult=(1, 1), num_res_blocks=0, attn_resolutions=(), resolution=16,
+                                  z_channels=4, embed_dim=4),
+                       kl_weight=1e-5, lr=2e-3, steps=steps(600, 100))
+  c.classifier = dict(model=dict(image_size=16, patch_size=2, hidden_size=64, depth=3, num_heads=4, num_registers=4,
+                                 layerscale_init=0.1),
+                      lr=1e-3, steps=steps(600, 150))
+  c.semvae = dict(model=dict(latent_channels=4, hidden_size=64, encoder_depth=1, decoder_depth=1, num_heads=2),
+                  lr=1e-3, kl_weight=1e-6, steps=steps(500, 60))
+  c.sfd = dict(model=dict(hidden_size=64, depth=2, num_heads=2, repa_depth=1, repa_projector_dim=64),
+               lr=2e-3, ema_decay=steps(0.995, 0.95), delta_t=0.3, steps=steps(1600, 350))
+  c.sample = dict(per_class=steps(20, 5), cfg_scale=2.0, rtol=1e-3, atol=1e-6, grid_per_class=steps(10, 5))
+  c.lock()
+  return c
+
+
+def _stage_config(cfg, steps: int, lr: float, ema_decay: float = 0.999) -> ml_collections.ConfigDict:
+  """A training-loop config for one stage: the base recipe with the demo's batch, steps and learning rate."""
+  c = config_lib.base_config()
+  c.seed, c.batch_size, c.total_steps = cfg.seed, cfg.batch_size, steps
+  c.optim.update(lr=lr, ema_decay=ema_decay)
+  c.log_every, c.ckpt_every, c.sample_every = max(steps // 5, 1), steps, 0  # the demo samples at its end
+  return c
+
+
+# ------------------------------------------------------------------------------------------------- the small models
+
+class DigitClassifier(nn.Module):
+  """A DINOv2-architecture ViT and a linear head on [cls | mean patch token]: trained to tell the digits apart, its
+  patch tokens become the demo's semantic features, and it scores the generated digits."""
+  dino_fields: tuple  # the DINOv2 fields as (name, value) pairs
+  num_classes: int = NUM_CLASSES
+
+  def setup(self):
+    self.dino = DINOv2(**dict(self.dino_fields))
+    self.head = nn.Dense(self.num_classes)
+
+  def features(self, images):
+    """uint8 NHWC images → (B, 2D) features, preprocessed as `repa_features` preprocesses them."""
+    out = self.dino(preprocess_repa(images, self.dino.image_size))
+    return jnp.concatenate([out["cls_token"], out["patch_tokens"].mean(axis=1)], axis=-1)
+
+  def __call__(self, images):
+    features = self.features(images)
+    return self.head(features), features
+
+  def dummy_inputs(self, batch: int = 1):
+    size = dict(self.dino_fields)["image_size"]
+    return (jnp.zeros((batch, size, size, 3), jnp.uint8),)
+
+
+def texture_vae_loss_fn(vae: AutoencoderKL, kl_weight: float):
+  """MSE of the reconstruction from a posterior sample + kl_weight · KL (summed per image, as LDM)."""
+  def loss_fn(params, batch, rng, positions):
+    x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
+    mean, logvar = vae.apply({"params": params}, x, method=vae.encode)
+    keys = jax.vmap(lambda p: jax.random.fold_in(rng, p))(positions)
+    z = jax.vmap(lambda m, lv, k: posterior_sample(m, lv, k))(mean, logvar, keys)
+    recon = vae.apply({"params": params}, z, method=vae.decode)
+    mse = jnp.mean((recon - x) ** 2)
+    kl = jnp.mean(0.5 * jnp.sum(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
+    return mse + kl_weight * kl, {"loss": mse + kl_weight * kl, "loss_mse": mse, "loss_kl": kl}
+  return loss_fn
+
+
+def classifier_loss_fn(model: DigitClassifier):
+  def loss_fn(params, batch, rng, positions):
+    del rng, positions
+    logits, _ = model.apply({"params": params}, batch["image"])
+    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return ce, {"loss": ce, "loss_ce": ce, "accuracy": accuracy}
+  return loss_fn
+
+
+# --------------------------------------------------------------------------------------------------------- stages
+
+@dataclasses.dataclass
+class Demo:
+  """The demo's data, directories and settings; each stage method returns what later stages need."""
+  cfg: ml_collections.ConfigDict
+  out: Path
+
+  def __post_init__(self):
+    self.out = Path(self.out)
+    self.digits = images_lib.DigitsImages(self.cfg.resolution)
+    train, heldout = images_lib.heldout_split(len(self.digits), self.cfg.heldout_images, self.cfg.seed)
+    self.train_images = images_lib.Subset(self.digits, train)
+    self.heldout_images = images_lib.Subset(self.digits, heldout)
+
+  def _images_task(self, model, loss_fn, stage_cfg):
+    def make_data(shard_index, shard_count):
+      return images_lib.image_pipeline(self.train_images, global_batch_size=stage_cfg.batch_size,
+                                       seed=stage_cfg.seed, resolution=self.cfg.resolution, crop="center",
+                                       shard_index=shard_index, shard_count=shard_count, prefetch=2)
+    return loop.Task(model=model, loss_fn=loss_fn, make_data=make_data)
+
+  def _train_and_export(self, name, model, loss_fn, stage_cfg, export_model, select=lambda p: p):
+    """Trains `model` on the training digits (resuming), then exports `select(params)` as `export_model`."""
+    done = self.out / name / "model.json"
+    if done.exists():
+      return self.out / name
+    workdir = self.out / "runs" / name
+    loop.run(stage_cfg, workdir, self._images_task(model, loss_fn, stage_cfg))
+    _, params = ckpt_lib.Checkpointer(workdir / "checkpoints").latest_params(model, "params")
+    return export.save_model(self.out / name, export_model, {"params": select(params)})
+
+  def texture_vae(self) -> Path:
+    c = self.cfg.texture_vae
+    vae = AutoencoderKL(**c.model)
+    return self._train_and_export("texture_vae", vae, texture_vae_loss_fn(vae, c.kl_weight),
+                                  _stage_config(self.cfg, c.steps, c.lr), vae)
+
+  def classifier(self) -> tuple[DigitClassifier, dict, Path]:
+    """(classifier, its params, the exported DINOv2 part)."""
+    c = self.cfg.classifier
+    model = DigitClassifier(tuple(sorted(c.model.items())))
+    dino_dir = self._train_and_export("dino", model, classifier_loss_fn(model), _stage_config(self.cfg, c.steps, c.lr),
+                                      DINOv2(**c.model), select=lambda p: p["dino"])
+    workdir = self.out / "runs" / "dino"
+    _, params = ckpt_lib.Checkpointer(workdir / "checkpoints").latest_params(model, "params")
+    return model, params, dino_dir
+
+  def semvae(self, dino_dir: Path) -> Path:
+    done = self.out / "semvae"
+    if (done / "model.json").exists():
+      return done
+    c = self.cfg.semvae
+    scfg = semvae_lib.base_config()
+    scfg.unlock()
+    scfg.model.update(c.model)
+    scfg.dino.path = str(dino_dir)
+    scfg.data.update(source="digits", digits_size=self.cfg.resolution, resolution=self.cfg.resolution,
+                     crop="center", heldout_images=self.cfg.heldout_images,
+                     dino_grid=self.cfg.resolution // self.cfg.classifier.model.patch_size, prefetch=2)
+    scfg.loss.kl_weight = c.kl_weight
+    scfg.optim.update(lr=c.lr, schedule="constant", warmup_steps=0, weight_decay=0.0)
+    scfg.update(seed=self.cfg.seed, batch_size=self.cfg.batch_size, total_steps=c.steps, eval_batch_size=33,
+                log_every=max(c.steps // 5, 1), ckpt_every=c.steps, sample_every=c.steps)
+    scfg.lock()
+    training = semvae_lib.prepare(scfg)
+    loop.run(scfg, self.out / "runs" / "semvae", training.task())
+    return training.export(self.out / "runs" / "semvae", done)
+
+  def extract(self, texture_dir: Path, dino_dir: Path, semvae_dir: Path) -> Path:
+    encoders = {kind: extract_lib.load_encoder(kind, path)
+                for kind, path in (("texture", texture_dir), ("dino", dino_dir), ("semvae", semvae_dir))}
+    settings = extract_lib.Settings(resolution=self.cfg.resolution, shard_size=500, seed=self.cfg.seed,
+                                    batch_size=50, num_threads=2)
+    extract_lib.extract(self.train_images, encoders, self.out / "latents", settings, progress=False)
+    return self.out / "latents"
+
+  def sfd_config(self, delta_t: float) -> ml_collections.ConfigDict:
+    c, texture = self.cfg.sfd, self.cfg.texture_vae.model
+    grid = self.cfg.resolution // self.cfg.classifier.model.patch_size
+    scfg = _stage_config(self.cfg, c.steps, c.lr, c.ema_decay)
+    scfg.model = config_lib.model_config(
+        "S", input_size=grid, in_channels=texture.embed_dim + self.cfg.semvae.model.latent_channels,
+        num_classes=NUM_CLASSES, repa_z_dim=self.cfg.classifier.model.hidden_size, **c.model)
+    scfg.loss.update(delta_t=delta_t, semantic_channels=self.cfg.semvae.model.latent_channels)
+    scfg.data.update(path=str(self.out / "latents"), flip=False, prefetch=2)  # a mirrored digit is no digit
+    return scfg
+
+  def sfd(self, name: str, delta_t: float) -> Path:
+    workdir = self.out / "runs" / name
+    scfg = self.sfd_config(delta_t)
+    loop.run(scfg, workdir, tasks.sfd_task(scfg))
+    return workdir
+
+
+# -------------------------------------------------------------------------------------------------------- scoring
+
+def score(demo: Demo, run: Path, classifier: DigitClassifier, classifier_params, real_features: np.ndarray,
+          delta_t: float) -> dict:
+  """Samples `per_class` digits of every class with Dopri5 + CFG; accuracy, FD and model calls per sample."""
+  c = demo.cfg.sample
+  model, variables, _ = sampling.load_training_run(run)
+  vae = extract_lib.load_encoder("texture", demo.out / "texture_vae")
+  stats = json.loads((latents_lib.find_dataset(demo.out / "latents") / "stats.json").read_text())["texture"]
+  n = c.per_class * NUM_CLASSES
+  labels = jnp.arange(n, dtype=jnp.int32) % NUM_CLASSES
+  z = sampler.noise(jax.random.key(demo.cfg.seed + 1), jnp.arange(n),
+                    (model.input_size, model.input_size, model.in_channels))
+  semantic = demo.cfg.semvae.model.latent_channels
+
+  @jax.jit
+  def generate(variables, vae_variables):
+    velocity = sampler.cfg_velocity(model, variables, c.cfg_scale, NUM_CLASSES, 0.0, "both", semantic)
+    final, sample_stats = sampler.sample(velocity, z, labels, delta_t=delta_t, method="dopri5", rtol=c.rtol,
+                                         atol=c.atol, semantic_channels=semantic)
+    texture = denormalize_texture(final, stats["mean"], stats["std"], 1.0, model.in_channels - semantic)
+    images = to_uint8(vae.model.apply(vae_variables, texture, method=vae.model.decode))
+    return images, sample_stats["model_calls"]
+
+  images, calls = jax.device_get(generate(variables, vae.variables))
+  logits, features = jax.device_get(jax.jit(classifier.apply)({"params": classifier_params}, images))
+  accuracy = float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
+  distance = fid.frechet_distance(fid.statistics(features.astype(np.float64)),
+                                  fid.statistics(real_features.astype(np.float64)), method="eigh")
+  # CFG evaluates the model on a doubled batch: each call costs two network passes per image.
+  per_class = [images[np.asarray(labels) == k][:c.grid_per_class] for k in range(NUM_CLASSES)]
+  grid = np.concatenate([np.stack(row) for row in zip(*per_class)])
+  grid = grid.repeat(4, axis=1).repeat(4, axis=2)  # 16 px digits → 64 px, room for the captions
+  grid_labels = np.tile(np.arange(NUM_CLASSES), c.grid_per_class)
+  sampling.demo_grid(grid, grid_labels, NUM_CLASSES).save(demo.out / f"grid_{run.name}.png")
+  return {"class_accuracy": accuracy, "fd_classifier_features": float(distance), "model_calls_per_sample":
+          int(calls), "network_passes_per_sample": 2 * int(calls), "samples": n}
+
+
+def real_features(demo: Demo, classifier: DigitClassifier, params) -> tuple[np.ndarray, float]:
+  """Classifier features and accuracy of the held-out digits (the FD reference, and the classifier's quality)."""
+  images = np.stack([demo.heldout_images[i]["image"] for i in range(len(demo.heldout_images))])
+  labels = np.asarray([demo.heldout_images[i]["label"] for i in range(len(demo.heldout_images))])
+  logits, features = jax.device_get(jax.jit(classifier.apply)({"params": params}, images))
+  return features, float(np.mean(np.argmax(logits, -1) == labels))
+
+
+# ------------------------------------------------------------------------------------------------------------ run
+
+def run(out, quick: bool = False) -> dict:
+  """Runs (or resumes) every stage; returns the results and writes them to `<out>/results.json`."""
+  if jax.process_count() > 1:
+    raise ValueError("the demo runs in one process; use the training and extraction commands on a pod")
+  start = time.perf_counter()
+  demo = Demo(demo_config(quick), Path(out))
+  demo.out.mkdir(parents=True, exist_ok=True)
+  timings = {}
+
+  def stage(name, fn, *args):
+    tick = time.perf_counter()
+    print(f"== {name} (at {time.perf_counter() - start:.0f} s)", flush=True)
+    result = fn(*args)
+    timings[name] = round(time.perf_counter() - tick, 1)
+    return result
+
+  texture_dir = stage("texture VAE", demo.texture_vae)
+  classifier, classifier_params, dino_dir = stage("semantic encoder (DINOv2-architecture classifier)",
+                                                  demo.classifier)
+  semvae_dir = stage("SemVAE", demo.semvae, dino_dir)
+  stage("extraction", demo.extract, texture_dir, dino_dir, semvae_dir)
+  runs = {"sfd": demo.cfg.sfd.delta_t, "sync": 0.0}
+  for name, delta_t in runs.items():
+    stage(f"{'SFD' if delta_t else 'synchronous'} training (Δ = {delta_t})", demo.sfd, name, delta_t)
+  reference, heldout_accuracy = real_features(demo, classifier, classifier_params)
+  results = {"quick": quick, "classifier_heldout_accuracy": heldout_accuracy, "runs": {}}
+  for name, delta_t in runs.items():
+    results["runs"][name] = {"delta_t": delta_t, **stage(f"sampling {name}", score, demo, demo.out / "runs" / name,
+                                                         classifier, classifier_params, reference, delta_t)}
+  results["timings_s"] = {**timings, "total": round(time.perf_counter() - start, 1)}
+  (demo.out / "results.json").write_text(json.dumps(results, indent=1))
+  print(table(results), flush=True)
+  return results
+
+
+def table(results: dict) -> str:
+  lines = [f"held-out accuracy of the demo classifier: {results['classifier_heldout_accuracy']:.3f} (chance 0.100)",
+           "| run | Δ | class accuracy ↑ | FD (classifier features) ↓ | model calls / sample |",
+           "|---|---|---|---|---|"]
+  for name, r in results["runs"].items():
+    lines.append(f"| {name} | {r['delta_t']} | {r['class_accuracy']:.3f} | {r['fd_classifier_features']:.2f} | "
+                 f"{r['model_calls_per_sample']} |")
+  lines.append(f"total time {results['timings_s']['total']:.0f} s")
+  return "\n".join(lines)
+
+
+logging.getLogger("absl").setLevel(logging.WARNING)

@@ -1,0 +1,32 @@
+"""The built-in demo end to end (`--quick`, as CI runs it): every stage runs, writes its files, and the samples
+of both runs are recognisable digits more often than chance."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from sfd_jax.data import latents
+
+
+def test_quick_demo_runs_every_stage(tmp_path):
+  # Normal XLA optimisation here (unlike the other tests): the demo's cost is training, not compiling.
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-m", "sfd_jax.cli.demo", "--quick", f"--out={tmp_path}"], env=env,
+                          capture_output=True, text=True, timeout=1200)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in ("texture_vae", "dino", "semvae"):
+    assert (tmp_path / name / "model.json").exists(), name
+  assert latents.LatentSource(tmp_path / "latents").meta["num_records"] == 1500
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert "| sfd | 0.3 |" in result.stdout and "| sync | 0.0 |" in result.stdout
+  assert results["classifier_heldout_accuracy"] > 0.3
+  for name, run in results["runs"].items():
+    assert all(math.isfinite(run[k]) for k in ("class_accuracy", "fd_classifier_features")), name
+    assert run["class_accuracy"] >= 0.2, (name, run)  # chance is 0.1; 50 samples
+    assert 0 < run["model_calls_per_sample"] < 200
+    grid = np.asarray(Image.open(tmp_path / f"grid_{name}.png"))
+    assert grid.shape[1] == 10 * 64 and grid.std() > 10
