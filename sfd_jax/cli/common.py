@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 
@@ -47,8 +48,10 @@ def user_errors_exit(main):
   return wrapped
 
 
-def initialize_distributed():
-  """jax.distributed for multi-process runs: from --coordinator flags, or on a multi-host TPU/cluster platform."""
+def start_process():
+  """Info-level logging, and jax.distributed for multi-process runs: from the --coordinator flags, or on a
+  multi-host TPU/cluster platform."""
+  logging.getLogger().setLevel(logging.INFO)
   f = flags.FLAGS
   if f.coordinator:
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":

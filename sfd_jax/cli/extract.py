@@ -10,12 +10,11 @@ same command and writes every process_count-th shard.
 """
 from __future__ import annotations
 
-import logging
 
 import jax
 from absl import app, flags
 
-from sfd_jax.cli.common import initialize_distributed, parse_flags, user_errors_exit
+from sfd_jax.cli.common import start_process, parse_flags, user_errors_exit
 from sfd_jax.data import extract as extract_lib, images as images_lib
 
 flags.DEFINE_enum("source", "folder", images_lib.SOURCES, "Image source: class folders, a prepared tfds dataset, "
@@ -49,8 +48,7 @@ FLAGS = flags.FLAGS
 @user_errors_exit
 def main(argv):
   del argv
-  initialize_distributed()
-  logging.getLogger().setLevel(logging.INFO)
+  start_process()
   f = FLAGS
   source = images_lib.open_source(f.source, f.path, f.tfds_name, f.split, f.digits_size)
   encoders = {kind: extract_lib.load_encoder(kind, path, dtype=f.dtype, trust_pickle=f.trust_pickle)

@@ -11,7 +11,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from sfd_jax.cli.common import initialize_distributed, parse_flags, user_errors_exit
+from sfd_jax.cli.common import start_process, parse_flags, user_errors_exit
 from sfd_jax.training import loop, tasks
 
 config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/sfd_xl.py.", lock_config=True)
@@ -23,8 +23,7 @@ FLAGS = flags.FLAGS
 @user_errors_exit
 def main(argv):
   del argv
-  initialize_distributed()
-  logging.getLogger().setLevel(logging.INFO)
+  start_process()
   if jax.process_index() == 0:
     logging.info("devices: %s", jax.devices())
   loop.run(FLAGS.config, FLAGS.workdir, tasks.sfd_task(FLAGS.config))

@@ -15,7 +15,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from sfd_jax.cli.common import initialize_distributed, parse_flags, user_errors_exit
+from sfd_jax.cli.common import start_process, parse_flags, user_errors_exit
 from sfd_jax.training import checkpoint as ckpt_lib, loop, semvae
 
 config_flags.DEFINE_config_file("config", None, "SemVAE config file, e.g. configs/semvae.py.", lock_config=True)
@@ -29,8 +29,7 @@ FLAGS = flags.FLAGS
 @user_errors_exit
 def main(argv):
   del argv
-  initialize_distributed()
-  logging.getLogger().setLevel(logging.INFO)
+  start_process()
   cfg, workdir = FLAGS.config, Path(FLAGS.workdir)
   out = Path(FLAGS.export_dir or workdir / "semvae")
   training = semvae.prepare(cfg)
