@@ -133,13 +133,14 @@ def gmm_velocity(key, shape, components: int = 8, sigma: float = 0.1, semantic_c
 
 
 def problem():
-  """(name, velocity_fn, z, y, Δ, converged final or None, official dopri5 (final, calls) or None)."""
+  """(name, velocity_fn, z, y, Δ, semantic channels, converged final or None, official dopri5 (final, calls) or
+  None)."""
   if FLAGS.field == "gmm":
     shape = (4, 4, 48)
     z = sampler.noise(jax.random.key(FLAGS.seed), np.arange(FLAGS.num_samples), shape)
     delta = 0.3 if FLAGS.delta_t is None else FLAGS.delta_t
     return "gmm", gmm_velocity(jax.random.key(FLAGS.seed + 1), shape), z, np.zeros(FLAGS.num_samples, np.int32), \
-        delta, None, None
+        delta, 16, None, None
   if FLAGS.model is None:
     golden = Path(FLAGS.golden)
     from sfd_jax.convert import load_dit
@@ -150,8 +151,8 @@ def problem():
     with np.load(golden / "sampler" / "sampler.npz") as s, np.load(golden / "sampler" / "reference_ode.npz") as r:
       z, y = np.moveaxis(s["z"], 1, -1), s["y"]
       exact, official = np.moveaxis(r["exact/final"], 1, -1), np.moveaxis(s["dopri5/final"], 1, -1)
-    return "fixture", sampler.model_velocity(model, variables), z, y, runs["dopri5"]["delta_t"], exact, \
-        (official, runs["dopri5"]["nfe"])
+    return "fixture", sampler.model_velocity(model, variables), z, y, runs["dopri5"]["delta_t"], \
+        kwargs["semantic_chans"], exact, (official, runs["dopri5"]["nfe"])
   from sfd_jax.sampling import load_diffusion_model
   model, variables, official = load_diffusion_model(
       FLAGS.model, model_kwargs=json.loads(FLAGS.model_kwargs) if FLAGS.model_kwargs else None)
@@ -159,17 +160,19 @@ def problem():
   indices = np.arange(FLAGS.num_samples)
   z = sampler.noise(jax.random.key(FLAGS.seed), indices, (model.input_size, model.input_size, model.in_channels))
   y = sampler.random_labels(jax.random.key(FLAGS.seed + 1), indices, model.num_classes)
-  return Path(FLAGS.model).stem, sampler.model_velocity(model, variables), z, y, delta, None, None
+  semantic = int(official.get("semantic_chans", 16))
+  return Path(FLAGS.model).stem, sampler.model_velocity(model, variables), z, y, delta, semantic, None, None
 
 
 def main(argv):
   del argv
   jax.config.update("jax_default_matmul_precision", "highest")
-  name, velocity, z, y, delta, exact, official = problem()
+  name, velocity, z, y, delta, semantic, exact, official = problem()
   z, y = jnp.asarray(z, jnp.float32), jnp.asarray(y)
   reference = "exact/final of the fixture (float64 state, rtol 1e-9)"
   if exact is None:
-    exact = np.asarray(sampler.sample(velocity, z, y, delta_t=delta, rtol=1e-8, atol=1e-10)[0])
+    exact = np.asarray(sampler.sample(velocity, z, y, delta_t=delta, rtol=1e-8, atol=1e-10,
+                                      semantic_channels=semantic)[0])
     reference = "our Dopri5 at rtol 1e-8, atol 1e-10 (float32 state)"
   rows = []
 
@@ -181,15 +184,18 @@ def main(argv):
 
   if official is not None:
     add("official dopri5 (torchdiffeq, golden run)", "rtol 1e-3, atol 1e-6", *official)
-  rerun = official_dopri5(masked_drift(velocity, y, delta), np.asarray(z), np.float32(1 + delta), 1e-3, 1e-6)
+  rerun = official_dopri5(masked_drift(velocity, y, delta, semantic), np.asarray(z), np.float32(1 + delta), 1e-3,
+                          1e-6)
   add("official dopri5 (torchdiffeq algorithm, re-run here)", "rtol 1e-3, atol 1e-6", *rerun)
   for rtol, atol in TOLERANCES:
     for norm in sampler.ERROR_NORMS:
-      final, stats = sampler.sample(velocity, z, y, delta_t=delta, rtol=rtol, atol=atol, error_norm=norm)
+      final, stats = sampler.sample(velocity, z, y, delta_t=delta, rtol=rtol, atol=atol, error_norm=norm,
+                                    semantic_channels=semantic)
       add(f"ours: diffrax Dopri5, {norm.replace('_', '-')} norm", f"rtol {rtol:g}, atol {atol:g}", final,
           stats["model_calls"])
   for steps in EULER_STEPS:
-    final, stats = sampler.sample(velocity, z, y, delta_t=delta, method="euler", num_steps=steps)
+    final, stats = sampler.sample(velocity, z, y, delta_t=delta, method="euler", num_steps=steps,
+                                  semantic_channels=semantic)
     add("official Euler grid", f"{steps} grid points", final, stats["model_calls"])
 
   lines = [f"Sampler benchmark `{name}`: {z.shape[0]} samples of {tuple(z.shape[1:])}, Δ = {delta:g}; error "
