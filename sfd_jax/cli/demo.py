@@ -6,7 +6,7 @@ Run it again to resume; `--quick` trains every stage briefly (the CI check).
 """
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from sfd_jax import demo
 from sfd_jax.cli.common import parse_flags, user_errors_exit
@@ -19,6 +19,7 @@ FLAGS = flags.FLAGS
 @user_errors_exit
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # stages, progress and results only; library logs go to the workdirs
   demo.run(FLAGS.out, FLAGS.quick)
 
 

@@ -87,7 +87,7 @@ def run(cfg, workdir, task: Task) -> dict:
   writer = metrics_lib.MetricWriter(workdir, resume_step=step)
   if jax.process_index() == 0:
     from clu import parameter_overview
-    print(parameter_overview.get_parameter_overview(state.params), flush=True)
+    logging.info("model parameters:\n%s", parameter_overview.get_parameter_overview(state.params))
   train_step = step_lib.make_train_step(task.loss_fn, tx, cfg, mesh, shardings)
   config_json = cfg.to_json_best_effort()
   last_saved = step if step else None
