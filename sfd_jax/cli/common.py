@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 
 import jax
@@ -28,11 +29,34 @@ def parse_flags(argv):
   """absl `flags_parser` for `app.run`: a bad flag or config override (e.g. a typo in --config.optim.lrr) ends
   in one sentence naming it instead of a traceback."""
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     message = str(e).strip().strip("'").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
     print(f"error: bad command line: {message}", file=sys.stderr)
     sys.exit(2)
+  for name, value in _url_values(flags.FLAGS):
+    print(f"error: --{name}={value} is a URL; sfd_jax reads and writes filesystem paths: mount the bucket (e.g. "
+          f"`gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`, as launch/tpu_pod.sh does) and pass the mounted path",
+          file=sys.stderr)
+    sys.exit(2)
+  return remaining
+
+
+def _url_values(flag_values):
+  """(name, value) of every flag, or config field under a config flag, whose value is a URL such as gs://..."""
+  def walk(name, value):
+    if hasattr(value, "to_dict"):
+      value = value.to_dict()
+    if isinstance(value, dict):
+      for key, item in value.items():
+        yield from walk(f"{name}.{key}", item)
+    elif isinstance(value, (list, tuple)):
+      for item in value:
+        yield from walk(name, item)
+    elif isinstance(value, str) and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value):
+      yield name, value
+  for name in flag_values:
+    yield from walk(name, flag_values[name].value)
 
 
 def user_errors_exit(main):

@@ -1,4 +1,4 @@
-"""Trains SFD: `python -m sfd_jax.cli.train --config=configs/sfd_xl.py --workdir=gs://.../run`.
+"""Trains SFD: `python -m sfd_jax.cli.train --config=configs/sfd_xl.py --workdir=runs/xl`.
 
 Resumes automatically from the newest complete checkpoint in the workdir; SIGTERM or a preemption notice saves
 and exits 0. On a multi-host platform (TPU pod, or --coordinator given) every host runs the same command.
