@@ -155,7 +155,7 @@ class Demo:
       return self.out / name
     workdir = self.out / "runs" / name
     loop.run(stage_cfg, workdir, self._images_task(model, loss_fn, stage_cfg))
-    _, params = ckpt_lib.Checkpointer(workdir / "checkpoints").latest_params(model, "params")
+    params = ckpt_lib.Checkpointer(workdir / "checkpoints").model_params(model, which="params")
     return export.save_model(self.out / name, export_model, {"params": select(params)})
 
   def texture_vae(self) -> Path:
@@ -171,7 +171,7 @@ class Demo:
     dino_dir = self._train_and_export("dino", model, classifier_loss_fn(model), _stage_config(self.cfg, c.steps, c.lr),
                                       DINOv2(**c.model), select=lambda p: p["dino"])
     workdir = self.out / "runs" / "dino"
-    _, params = ckpt_lib.Checkpointer(workdir / "checkpoints").latest_params(model, "params")
+    params = ckpt_lib.Checkpointer(workdir / "checkpoints").model_params(model, which="params")
     return model, params, dino_dir
 
   def semvae(self, dino_dir: Path) -> Path:

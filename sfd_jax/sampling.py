@@ -107,14 +107,10 @@ def load_training_run(workdir, dtype=jnp.float32, step: int | None = None):
 
   from sfd_jax.training import checkpoint as ckpt_lib, config as config_lib
   checkpointer = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints")
-  steps = checkpointer.steps()
-  if not steps:
-    raise FileNotFoundError(f"{workdir} has no finished checkpoint yet")
-  step = steps[-1] if step is None else step
+  step = checkpointer.existing_step(step)
   cfg = ConfigDict(checkpointer.config(step))
   model = config_lib.build_model(cfg.model).clone(dtype=dtype)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
-  params = checkpointer.restore_params(step, abstract)
+  params = checkpointer.model_params(model, step)
   checkpointer.close()
   return model, {"params": params}, {"semfirst_delta_t": cfg.loss.delta_t,
                                       "semantic_chans": cfg.loss.semantic_channels}

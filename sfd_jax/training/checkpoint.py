@@ -77,13 +77,19 @@ class Checkpointer:
     args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
     return reader.restore(step, args=ocp.args.Composite(state=args))["state"][which]
 
-  def latest_params(self, model, which: str = "ema_params"):
-    """(step, params) of the newest checkpoint, for `model` (a flax module with `dummy_inputs`)."""
+  def model_params(self, model, step: int | None = None, which: str = "ema_params"):
+    """`which` params of checkpoint `step` (default: the newest) for `model`, a flax module with `dummy_inputs`."""
+    abstract = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
+    return self.restore_params(self.existing_step(step), abstract, which)
+
+  def existing_step(self, step: int | None = None) -> int:
+    """`step`, or the newest one when None; a FileNotFoundError when the checkpoint does not exist."""
     steps = self.steps()
     if not steps:
-      raise FileNotFoundError(f"{self.directory} has no finished checkpoint yet")
-    abstract = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
-    return steps[-1], self.restore_params(steps[-1], abstract, which)
+      raise FileNotFoundError(f"{self.directory} has no finished checkpoint yet; train first")
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f"{self.directory} has no checkpoint {step}; it has {steps}")
+    return steps[-1] if step is None else step
 
   def config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

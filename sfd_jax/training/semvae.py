@@ -218,12 +218,7 @@ class SemVAETraining:
     tx = state_lib.make_optimizer(self.cfg.optim)
     abstract, _ = state_lib.abstract_train_state(self.model, tx, self.mesh, self.cfg.sharding)
     checkpointer = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints")
-    steps = checkpointer.steps()
-    if not steps:
-      raise FileNotFoundError(f"{workdir} has no checkpoint to export; train first")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-      raise FileNotFoundError(f"{workdir} has no checkpoint {step}; it has {steps}")
+    step = checkpointer.existing_step(step)
     state = checkpointer.restore(step, abstract)
     checkpointer.close()
     heldout = self.evaluate(state.params) if len(self.heldout_images) else {}
