@@ -11,7 +11,7 @@ from absl import app, flags, logging
 from sfd_jax import demo
 from sfd_jax.cli.common import parse_flags, user_errors_exit
 
-flags.DEFINE_bool("quick", False, "Train every stage briefly (about 2 minutes on 2 CPU cores).")
+flags.DEFINE_bool("quick", False, "Train every stage briefly (about 3 minutes on 2 CPU cores).")
 flags.DEFINE_string("out", "outputs/demo", "Where every stage writes (kept: a rerun resumes).")
 FLAGS = flags.FLAGS
 
@@ -19,7 +19,7 @@ FLAGS = flags.FLAGS
 @user_errors_exit
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # stages, progress and results only; library logs go to the workdirs
+  logging.set_verbosity(logging.WARNING)  # stages, progress and results; no library info logs
   demo.run(FLAGS.out, FLAGS.quick)
 
 
