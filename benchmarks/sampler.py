@@ -153,7 +153,7 @@ def problem():
       exact, official = np.moveaxis(r["exact/final"], 1, -1), np.moveaxis(s["dopri5/final"], 1, -1)
     return "fixture", sampler.model_velocity(model, variables), z, y, runs["dopri5"]["delta_t"], \
         kwargs["semantic_chans"], exact, (official, runs["dopri5"]["nfe"])
-  from sfd_jax.sampling import load_diffusion_model
+  from sfd_jax.generate import load_diffusion_model
   model, variables, official = load_diffusion_model(
       FLAGS.model, model_kwargs=json.loads(FLAGS.model_kwargs) if FLAGS.model_kwargs else None)
   delta = FLAGS.delta_t if FLAGS.delta_t is not None else float(official.get("semfirst_delta_t", 0.3))

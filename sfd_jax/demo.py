@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sfd_jax import sampling
+from sfd_jax import generate
 from sfd_jax.convert import export
 from sfd_jax.data import extract as extract_lib, images as images_lib, latents as latents_lib
 from sfd_jax.diffusion import sampler
@@ -227,7 +227,7 @@ def score(demo: Demo, run: Path, classifier: DigitClassifier, classifier_params,
           delta_t: float) -> dict:
   """Samples `per_class` digits of every class with Dopri5 + CFG; accuracy, FD and model calls per sample."""
   c = demo.cfg.sample
-  model, variables, _ = sampling.load_training_run(run)
+  model, variables, _ = generate.load_training_run(run)
   vae = extract_lib.load_encoder("texture", demo.out / "texture_vae")
   stats = json.loads((latents_lib.find_dataset(demo.out / "latents") / "stats.json").read_text())["texture"]
   n = c.per_class * NUM_CLASSES
@@ -255,7 +255,7 @@ def score(demo: Demo, run: Path, classifier: DigitClassifier, classifier_params,
   grid = np.concatenate([np.stack(row) for row in zip(*per_class)])
   grid = grid.repeat(4, axis=1).repeat(4, axis=2)  # 16 px digits → 64 px, room for the captions
   grid_labels = np.tile(np.arange(NUM_CLASSES), c.grid_per_class)
-  sampling.demo_grid(grid, grid_labels, NUM_CLASSES).save(demo.out / f"grid_{run.name}.png")
+  generate.demo_grid(grid, grid_labels, NUM_CLASSES).save(demo.out / f"grid_{run.name}.png")
   return {"class_accuracy": accuracy, "fd_classifier_features": float(distance), "model_calls_per_sample":
           int(calls), "network_passes_per_sample": 2 * int(calls), "samples": n}
 

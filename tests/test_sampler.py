@@ -181,7 +181,7 @@ def test_bad_arguments_say_what_to_change():
 
 
 def test_sample_cli_end_to_end(tmp_path):
-  from sfd_jax import sampling as cli
+  from sfd_jax import generate as cli
   from sfd_jax.convert import export, load_texture_vae
 
   dit_config, dit = load_golden("dit_tiny")

@@ -7,7 +7,7 @@
   ... --guide_model=exports/autoguidance_b --cfg_scale=1.5                  # AutoGuidance (the weak model)
   ... --demo --labels=207,360,387,974 --num_images=8                        # out/demo.png, captioned by class
 
-See `sfd_jax.sampling` for what a run does; every flag is a field of `sampling.Settings`.
+See `sfd_jax.generate` for what a run does; every flag is a field of `generate.Settings`.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from absl import app, flags
 
 from sfd_jax.cli.common import parse_flags, user_errors_exit
 from sfd_jax.diffusion import sampler
-from sfd_jax.sampling import DEMO_CLASSES, Settings, run
+from sfd_jax.generate import DEMO_CLASSES, Settings, run
 
 # --------------------------------------------------------------------------------------------------------------
 # Flags.

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sfd_jax import sampling, sharding as shd
+from sfd_jax import generate, sharding as shd
 from sfd_jax.data import extract as extract_lib, latents as latents_lib
 from sfd_jax.diffusion import sampler
 from sfd_jax.models.dinov2 import repa_features
@@ -115,7 +115,7 @@ def sample_hook(cfg, model, stats):
   def periodic(state, step, writer):
     out = shd.to_host(generate(state.ema_params, None if vae is None else vae.variables))
     if vae is not None:
-      writer.write_image(step, "samples", np.asarray(sampling.demo_grid(out, labels, min(n, 8))))
+      writer.write_image(step, "samples", np.asarray(generate.demo_grid(out, labels, min(n, 8))))
       return
     writer.write_scalars(step, {"sample/texture_mean": out[..., :-c_sem].mean(),
                                 "sample/texture_std": out[..., :-c_sem].std(),
@@ -123,6 +123,6 @@ def sample_hook(cfg, model, stats):
                                 "sample/semantic_std": out[..., -c_sem:].std()})
     picture = np.clip((out[..., :3] + 2.5) / 5 * 255, 0, 255).astype(np.uint8)
     picture = picture.repeat(max(1, 64 // picture.shape[1]), 1).repeat(max(1, 64 // picture.shape[2]), 2)
-    writer.write_image(step, "sample_latents", np.asarray(sampling.demo_grid(picture, labels, min(n, 8))))
+    writer.write_image(step, "sample_latents", np.asarray(generate.demo_grid(picture, labels, min(n, 8))))
 
   return periodic

@@ -1,4 +1,4 @@
-"""The sampling application: SFD models → image files (one PNG per image, an ADM-style .npz) or a captioned grid.
+"""The image-generation application: SFD models → image files (one PNG per image, an ADM-style .npz) or a grid.
 
 Image i is a pure function of (seed, i): its noise is `normal(fold_in(key, i))` and its label comes from i, so a
 re-run skips the PNGs already written and fills in the rest, with any batch size or device count (dopri5 uses
