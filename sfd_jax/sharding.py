@@ -16,11 +16,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from sfd_jax.errors import UserError
+
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # a batch is split over every device
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError):
   """A mesh or batch layout that cannot work on the devices present."""
 
 

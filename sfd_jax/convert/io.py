@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from sfd_jax.errors import UserError
+
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
   """A checkpoint does not fit the model (missing, unknown or mis-shaped key) or cannot be read."""
 
 

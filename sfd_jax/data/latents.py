@@ -24,13 +24,15 @@ import grain
 import ml_dtypes
 import numpy as np
 
+from sfd_jax.errors import UserError
+
 NAME = "sfd_latents"
 VERSION = "1.0.0"
 FILE_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 DINO_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
   """A latent dataset that is missing, incomplete or inconsistent."""
 
 

@@ -19,10 +19,11 @@ from typing import Any
 import jax
 
 from sfd_jax import sharding as shd
+from sfd_jax.errors import UserError
 from sfd_jax.training import checkpoint as ckpt_lib, metrics as metrics_lib, state as state_lib, step as step_lib
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError):
   """The loss or the gradient became NaN/Inf (with nan_policy='stop')."""
 
 
