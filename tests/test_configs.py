@@ -4,6 +4,7 @@ import importlib.util
 import jax
 import pytest
 
+from sfd_jax.errors import UserError
 from sfd_jax.training import config as config_lib
 from tests.golden import REPO
 
@@ -37,5 +38,5 @@ def test_preset_argument_and_locking():
   c = load("smoke")
   with pytest.raises(AttributeError, match="lrr"):
     c.optim.lrr = 1.0
-  with pytest.raises(ValueError, match="unknown model preset"):
+  with pytest.raises(UserError, match="unknown LightningDiT preset"):
     config_lib.model_config("XXXL")

@@ -8,7 +8,7 @@ import numpy as np
 
 from sfd_jax.convert.common import Rule, flax_from_torch, linear, torch_from_flax
 from sfd_jax.convert.io import ConversionError
-from sfd_jax.models.dit import PRESETS, LightningDiT
+from sfd_jax.models.dit import LightningDiT, preset_fields
 from sfd_jax.models.layers import rope_2d, sincos_2d
 
 # Width of the DINOv2 features each `repa_dino_version` aligns to.
@@ -23,10 +23,7 @@ _FIXED = {"learn_sigma": False, "use_qknorm": True, "use_swiglu": True, "use_rop
 
 def official_sfd_kwargs(preset: str, **overrides) -> dict:
   """The official constructor kwargs of a released SFD model (`configs/sfd/*/inference.yaml`, spec §1.1)."""
-  preset = {"1p0B": "XXL"}.get(preset, preset)
-  if preset not in PRESETS:
-    raise ValueError(f"unknown LightningDiT preset {preset!r}; choose one of {sorted(PRESETS)}")
-  return {**PRESETS[preset], "input_size": 16, "patch_size": 1, "in_channels": 48, "mlp_ratio": 4.0,
+  return {**preset_fields(preset), "input_size": 16, "patch_size": 1, "in_channels": 48, "mlp_ratio": 4.0,
           "num_classes": 1000, "learn_sigma": False, "use_qknorm": True, "use_swiglu": True, "use_rope": True,
           "use_rmsnorm": True, "wo_shift": False, "use_repa": True, "repa_dino_version": "dinov2_vitb14_reg",
           "repa_depth": 2, "repa_projector_dim": 2048, "semantic_chans": 16, "semfirst_delta_t": 0.3, **overrides}

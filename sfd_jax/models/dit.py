@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sfd_jax.errors import UserError
 from sfd_jax.models.layers import (RMSNorm, SwiGLU, apply_rope, modulate, rope_2d, sincos_2d, swiglu_hidden,
                                    timestep_embedding)
 
@@ -226,9 +227,14 @@ class LightningDiT(nn.Module):
     return x, t, t, jnp.zeros((batch,), jnp.int32)
 
 
+def preset_fields(preset: str) -> dict:
+  """depth, hidden_size and num_heads of an official size (`S`, `B`, `L`, `XL`, `XXL`/`1p0B`, `1p6B`)."""
+  name = {"1p0B": "XXL"}.get(preset, preset)
+  if name not in PRESETS:
+    raise UserError(f"unknown LightningDiT preset {preset!r}; choose one of {sorted(PRESETS)} (or 1p0B)")
+  return dict(PRESETS[name])
+
+
 def lightningdit(preset: str, **kwargs) -> LightningDiT:
-  """A LightningDiT of an official size (`S`, `B`, `L`, `XL`, `XXL`/`1p0B`, `1p6B`); kwargs set any other field."""
-  preset = {"1p0B": "XXL"}.get(preset, preset)
-  if preset not in PRESETS:
-    raise ValueError(f"unknown LightningDiT preset {preset!r}; choose one of {sorted(PRESETS)}")
-  return LightningDiT(**{**PRESETS[preset], **kwargs})
+  """A LightningDiT of an official size; kwargs set any other field."""
+  return LightningDiT(**{**preset_fields(preset), **kwargs})

@@ -10,15 +10,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from sfd_jax import sharding as shd
-from sfd_jax.models.dit import PRESETS, LightningDiT
+from sfd_jax.models.dit import LightningDiT, preset_fields
 
 
 def model_config(preset: str = "XL", **overrides) -> ml_collections.ConfigDict:
   """The LightningDiT-SFD fields for an official size (spec §1.1 values for the rest)."""
-  preset = {"1p0B": "XXL"}.get(preset, preset)
-  if preset not in PRESETS:
-    raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
-  fields = dict(input_size=16, patch_size=1, in_channels=48, **PRESETS[preset], mlp_ratio=4.0, num_classes=1000,
+  fields = dict(input_size=16, patch_size=1, in_channels=48, **preset_fields(preset), mlp_ratio=4.0, num_classes=1000,
                 dual_timestep=True, use_repa=True, repa_depth=2, repa_projector_dim=2048, repa_z_dim=768,
                 remat_policy="none", dtype="float32")
   fields.update(overrides)
