@@ -237,7 +237,7 @@ def score(demo: Demo, run: Path, classifier: DigitClassifier, classifier_params,
   semantic = demo.cfg.semvae.model.latent_channels
 
   @jax.jit
-  def generate(variables, vae_variables):
+  def sample_digits(variables, vae_variables):
     velocity = sampler.cfg_velocity(model, variables, c.cfg_scale, NUM_CLASSES, 0.0, "both", semantic)
     final, sample_stats = sampler.sample(velocity, z, labels, delta_t=delta_t, method="dopri5", rtol=c.rtol,
                                          atol=c.atol, semantic_channels=semantic)
@@ -245,7 +245,7 @@ def score(demo: Demo, run: Path, classifier: DigitClassifier, classifier_params,
     images = to_uint8(vae.model.apply(vae_variables, texture, method=vae.model.decode))
     return images, sample_stats["model_calls"]
 
-  images, calls = jax.device_get(generate(variables, vae.variables))
+  images, calls = jax.device_get(sample_digits(variables, vae.variables))
   logits, features = jax.device_get(jax.jit(classifier.apply)({"params": classifier_params}, images))
   accuracy = float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
   distance = fid.frechet_distance(fid.statistics(features.astype(np.float64)),

@@ -99,7 +99,7 @@ def sample_hook(cfg, model, stats):
   mean, std = (np.asarray(stats["texture"][k], np.float32) for k in ("mean", "std"))
 
   @jax.jit
-  def generate(ema_params, vae_variables):
+  def sample_fixed(ema_params, vae_variables):
     variables = {"params": ema_params}
     velocity = (sampler.cfg_velocity(model, variables, cfg.sample.cfg_scale, model.num_classes,
                                      cfg.sample.cfg_interval_start, "both", c_sem)
@@ -113,7 +113,7 @@ def sample_hook(cfg, model, stats):
     return to_uint8(vae.model.apply(vae_variables, texture, method=vae.model.decode))
 
   def periodic(state, step, writer):
-    out = shd.to_host(generate(state.ema_params, None if vae is None else vae.variables))
+    out = shd.to_host(sample_fixed(state.ema_params, None if vae is None else vae.variables))
     if vae is not None:
       writer.write_image(step, "samples", np.asarray(generate.demo_grid(out, labels, min(n, 8))))
       return
