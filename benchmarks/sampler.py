@@ -29,7 +29,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("field", "model", ["model", "gmm"], "A network (fixture or --model) or the analytic GMM field.")
 flags.DEFINE_string("model", None, "Exported model dir, training workdir or official file (default: the golden model).")
 flags.DEFINE_string("model_kwargs", None, "Official kwargs (JSON) of an official --model file.")
-flags.DEFINE_string("golden", str(Path(__file__).resolve().parents[2] / "shared" / "golden"), "Golden fixtures.")
+flags.DEFINE_string("golden", str(Path(__file__).resolve().parents[1] / "tests" / "golden"), "Golden fixtures.")
 flags.DEFINE_integer("num_samples", 8, "Samples (non-fixture fields).")
 flags.DEFINE_integer("seed", 0, "Noise and labels (non-fixture fields).")
 flags.DEFINE_float("delta_t", None, "Δ (default: the model's, or 0.3).")

@@ -32,7 +32,7 @@ flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_bool("torch", True, "Also time the PyTorch reference step.")
 flags.DEFINE_string("out", None, "Write the results as JSON here.")
 FLAGS = flags.FLAGS
-GOLDEN = Path(os.environ.get("SFD_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+GOLDEN = Path(os.environ.get("SFD_GOLDEN_DIR", Path(__file__).resolve().parents[1] / "tests" / "golden"))
 
 
 def synthetic_batch(cfg, seed=0):

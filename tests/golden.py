@@ -1,4 +1,4 @@
-"""Test helpers: golden fixture lookup (`$SFD_GOLDEN_DIR`, default ../shared/golden), NCHW/NHWC, subprocesses."""
+"""Test helpers: golden fixture lookup (tests/golden, or `$SFD_GOLDEN_DIR`), NCHW/NHWC, subprocesses."""
 import json
 import os
 import socket
@@ -10,15 +10,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+GOLDEN = Path(os.environ.get("SFD_GOLDEN_DIR", REPO / "tests" / "golden"))
+
+
 def golden_path(name: str) -> Path:
-  """The directory of one golden fixture set; a missing one fails under CI=true and skips otherwise."""
-  root = Path(os.environ.get("SFD_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
-  path = root / name
+  """The directory of one golden fixture set (tests/golden ships them; `$SFD_GOLDEN_DIR` points at another set).
+  A missing one is a failure: a parity test that cannot run has not passed."""
+  path = GOLDEN / name
   if not path.is_dir():
-    message = f"golden fixtures {path} not found (set $SFD_GOLDEN_DIR)"
-    if os.environ.get("CI", "").lower() == "true":
-      pytest.fail(message)
-    pytest.skip(message)
+    pytest.fail(f"golden fixtures {path} not found: tests/golden is part of the repository "
+                "(or $SFD_GOLDEN_DIR names another fixture set)")
   return path
 
 
