@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
+from sfd_jax.convert.dinov2 import dinov2_kwargs
 from sfd_jax.models.dinov2 import PRESETS, bicubic_matrix, dinov2, preprocess_repa
 
 
@@ -26,6 +27,13 @@ def test_parameter_counts_match_transformers(preset):
   with torch.device("meta"):
     expected = sum(t.numel() for t in Dinov2WithRegistersModel(config).parameters())
   assert _param_count(dinov2(preset)) == expected
+
+
+def test_config_json_defaults_are_transformers_defaults():
+  """A config.json lists only non-default entries; read as JSON, the rest must be what transformers fills in."""
+  sparse = {"model_type": "dinov2_with_registers", "hidden_size": 384, "num_attention_heads": 6}
+  assert dinov2_kwargs(sparse) == dinov2_kwargs(Dinov2WithRegistersConfig(**sparse).to_dict())
+  assert dinov2_kwargs({}) == dinov2_kwargs(Dinov2WithRegistersConfig())
 
 
 def test_b14_reg_size_and_widths():

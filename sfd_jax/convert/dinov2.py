@@ -118,19 +118,21 @@ def _square(value, name: str) -> int:
   return int(value)
 
 
+# `Dinov2WithRegistersConfig`'s defaults: a config.json lists only the entries that differ from them.
+_HF_CONFIG_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4,
+                           hidden_act="gelu", layer_norm_eps=1e-6, image_size=224, patch_size=16, num_channels=3,
+                           qkv_bias=True, layerscale_value=1.0, use_swiglu_ffn=False, num_register_tokens=4)
+
+
 def dinov2_kwargs(hf_config) -> dict:
-  """`DINOv2` fields from a Hugging Face `Dinov2WithRegistersConfig` (the object or its config.json dict; missing
-  entries take transformers' defaults, as `from_pretrained` would)."""
-  if isinstance(hf_config, Mapping):
-    model_type = hf_config.get("model_type", "dinov2_with_registers")
-    if model_type != "dinov2_with_registers":
-      raise ConversionError(f"config model_type is {model_type!r}; sfd_jax reads DINOv2 with registers "
-                            "(model_type 'dinov2_with_registers', e.g. facebook/dinov2-with-registers-base)")
-    from transformers import Dinov2WithRegistersConfig  # config parsing only: no model code, no hub access
-    hf_config = Dinov2WithRegistersConfig.from_dict(dict(hf_config))
-  cfg = hf_config.to_dict()
-  if cfg.get("model_type") != "dinov2_with_registers":
-    raise ConversionError(f"config model_type is {cfg.get('model_type')!r}; sfd_jax reads DINOv2 with registers")
+  """`DINOv2` fields from a Hugging Face `Dinov2WithRegistersConfig` (its config.json dict, or the object; missing
+  entries take transformers' defaults, as `from_pretrained` would). Read as plain JSON: no transformers needed."""
+  cfg = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+  model_type = cfg.get("model_type", "dinov2_with_registers")
+  if model_type != "dinov2_with_registers":
+    raise ConversionError(f"config model_type is {model_type!r}; sfd_jax reads DINOv2 with registers "
+                          "(model_type 'dinov2_with_registers', e.g. facebook/dinov2-with-registers-base)")
+  cfg = {**_HF_CONFIG_DEFAULTS, **cfg}
   if cfg["hidden_act"] != "gelu" or not cfg["qkv_bias"]:
     raise ConversionError(f"DINOv2 config has hidden_act={cfg['hidden_act']!r}, qkv_bias={cfg['qkv_bias']}; "
                           "sfd_jax implements the official GELU MLP with qkv biases")
