@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch")  # the torch extra; only the Python 3.13 tier runs without it
 from safetensors.torch import save_file
 
 from sfd_jax.data import latents, official

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch")  # the torch extra; only the Python 3.13 tier runs without it
 
 from sfd_jax.diffusion.loss import cosine_similarity, repa_loss, sample_draws
 from sfd_jax.diffusion.time import interpolate, sample_base_time, stretch
