@@ -89,39 +89,51 @@ def spec_for(path: str, shape: tuple[int, ...], rules: Sequence[tuple[str, Seque
              min_size: int = 2 ** 14) -> P:
   """The PartitionSpec of one parameter: the first regex rule that matches `path` wins.
 
-  A rule's spec is a tuple with one entry per dimension (None or an axis name), `()` (replicate), or
-  `("fsdp_largest",)`: the largest dimension divisible by the fsdp size. Tensors smaller than `min_size`
-  elements are replicated.
+  A rule's spec is a tuple with one entry per dimension (None or an axis name), `()` (replicate), or ends in
+  `"fsdp_largest"`: the largest of the remaining dimensions that is divisible by the fsdp size, after the
+  leading dimensions the entries before it name (`(None, "fsdp_largest")` keeps the stacked layer axis of the
+  scanned DiT blocks whole). Tensors smaller than `min_size` elements are replicated.
   """
   if math.prod(shape) < min_size:
     return P()
   for pattern, spec in rules:
     if re.search(pattern, path):
-      if tuple(spec) == ():
+      spec = tuple(spec)
+      if spec == ():
         return P()
-      if tuple(spec) == ("fsdp_largest",):
-        return _largest_divisible(shape, mesh.shape["fsdp"])
+      if spec[-1] == "fsdp_largest":
+        lead = spec[:-1]
+        if len(lead) >= len(shape):
+          raise ShardingError(f"sharding rule {pattern!r} names {len(lead)} leading axes for {path} of shape {shape}")
+        _check_divisible(pattern, path, lead, shape, mesh)
+        entries = (*lead, *_largest_divisible(shape[len(lead):], mesh.shape["fsdp"]))
+        return P(*entries) if any(e is not None for e in entries) else P()
       if len(spec) != len(shape):
         raise ShardingError(f"sharding rule {pattern!r} gives {len(spec)} axes for {path} of shape {shape}")
-      for name, dim in zip(spec, shape):
-        if name is not None and dim % mesh.shape[name]:
-          raise ShardingError(f"sharding rule {pattern!r}: dimension {dim} of {path} is not divisible by "
-                              f"mesh axis {name!r} of size {mesh.shape[name]}")
+      _check_divisible(pattern, path, spec, shape, mesh)
       return P(*spec)
   return P()
 
 
-def _largest_divisible(shape, n: int) -> P:
-  if n == 1:
-    return P()
-  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-    if shape[dim] % n == 0:
-      return P(*[("fsdp" if d == dim else None) for d in range(len(shape))])
-  return P()
+def _check_divisible(pattern, path, spec, shape, mesh):
+  for name, dim in zip(spec, shape):
+    if name is not None and dim % mesh.shape[name]:
+      raise ShardingError(f"sharding rule {pattern!r}: dimension {dim} of {path} is not divisible by "
+                          f"mesh axis {name!r} of size {mesh.shape[name]}")
 
 
-# Vectors (biases, norm scales) replicated; every matrix sharded over 'fsdp' along its largest dimension.
-DEFAULT_RULES = ((r"(bias|scale)$", ()), (".*", ("fsdp_largest",)))
+def _largest_divisible(shape, n: int) -> tuple:
+  """One entry per dimension: 'fsdp' on the largest dimension divisible by n, None elsewhere."""
+  if n > 1:
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+      if shape[dim] % n == 0:
+        return tuple("fsdp" if d == dim else None for d in range(len(shape)))
+  return (None,) * len(shape)
+
+
+# Vectors (biases, norm scales) replicated; every matrix sharded over 'fsdp' along its largest dimension, for the
+# scanned DiT blocks (`blocks/…`, stacked on a leading layer axis) along the largest dimension but that axis.
+DEFAULT_RULES = ((r"(bias|scale)$", ()), (r"^blocks/", (None, "fsdp_largest")), (".*", ("fsdp_largest",)))
 
 
 def param_shardings(mesh: Mesh, params, rules=DEFAULT_RULES, min_size: int = 2 ** 14):

@@ -30,10 +30,9 @@ def test_official_parameter_counts(preset):
 def test_xl_widths():
   model = lightningdit("XL")
   shapes = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
-  assert shapes["blocks_0"]["mlp"]["w12"]["kernel"].shape == (1152, 2 * 3072)
-  assert shapes["blocks_0"]["attn"]["q_norm"]["scale"].shape == (72,)
+  assert shapes["blocks"]["mlp"]["w12"]["kernel"].shape == (28, 1152, 2 * 3072)  # 28 layers stacked
+  assert shapes["blocks"]["attn"]["q_norm"]["scale"].shape == (28, 72)
   assert shapes["repa_projector"]["fc_4"]["kernel"].shape == (2048, 768)
-  assert len([k for k in shapes if k.startswith("blocks_")]) == 28
 
 
 @pytest.fixture(scope="module")

@@ -109,12 +109,14 @@ def test_sharded_meshes_match_one_device(eight_devices):
     sharded = _params(eight_devices, mesh)
     for key, value in single.items():
       np.testing.assert_allclose(sharded[key], value, atol=1e-5, rtol=0, err_msg=f"{mesh} {key}")
-    # The rules: matrices over 'fsdp' along their largest dimension, vectors replicated; Adam moments alike.
+    # The rules: matrices over 'fsdp' along their largest dimension (never the stacked layer axis of the scanned
+    # blocks), vectors replicated; Adam moments alike.
     spec = lambda kind, path: str(eight_devices[f"{mesh}/{kind}/{path}"])
-    assert spec("spec", "blocks_0/mlp/w12/kernel") == "P(None, 'fsdp')"
-    assert spec("spec", "blocks_0/attn/proj/kernel") in ("P('fsdp', None)", "P(None, 'fsdp')")
-    assert spec("spec", "blocks_0/mlp/w12/bias") == "P()"
-    assert spec("mu_spec", "blocks_0/mlp/w12/kernel") == "P(None, 'fsdp')"
+    assert spec("spec", "blocks/mlp/w12/kernel") == "P(None, None, 'fsdp')"
+    assert spec("spec", "blocks/attn/proj/kernel") in ("P(None, 'fsdp', None)", "P(None, None, 'fsdp')")
+    assert spec("spec", "blocks/mlp/w12/bias") == "P()"
+    assert spec("mu_spec", "blocks/mlp/w12/kernel") == "P(None, None, 'fsdp')"
+    assert spec("spec", "final_layer/linear/kernel") in ("P('fsdp', None)", "P(None, 'fsdp')")
 
 
 def test_two_processes_match_one(eight_devices, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 
 from sfd_jax.convert.common import Rule, flax_from_torch, linear, torch_from_flax
 from sfd_jax.convert.io import ConversionError
-from sfd_jax.models.dit import LightningDiT, preset_fields
+from sfd_jax.models.dit import LightningDiT, lightningdit, preset_fields
 from sfd_jax.models.layers import rope_2d, sincos_2d
 
 # Width of the DINOv2 features each `repa_dino_version` aligns to.
@@ -63,14 +63,13 @@ def dit_rules(model: LightningDiT) -> list[Rule]:
   for name in (("t_embedder_sem", "t_embedder_tex") if model.dual_timestep else ("t_embedder",)):
     for i in (0, 2):
       rules += linear((name, f"mlp_{i}"), f"{name}.mlp.{i}")
-  for i in range(model.depth):
-    f, t = f"blocks_{i}", f"blocks.{i}"
-    rules += [Rule((f, "norm1", "scale"), f"{t}.norm1.weight"), Rule((f, "norm2", "scale"), f"{t}.norm2.weight"),
-              Rule((f, "attn", "q_norm", "scale"), f"{t}.attn.q_norm.weight"),
-              Rule((f, "attn", "k_norm", "scale"), f"{t}.attn.k_norm.weight")]
-    rules += linear((f, "attn", "qkv"), f"{t}.attn.qkv") + linear((f, "attn", "proj"), f"{t}.attn.proj")
-    rules += linear((f, "mlp", "w12"), f"{t}.mlp.w12") + linear((f, "mlp", "w3"), f"{t}.mlp.w3")
-    rules += linear((f, "adaLN_modulation"), f"{t}.adaLN_modulation.1")
+  # The blocks' parameters are stacked on a leading depth axis (one scanned block): layer i is `blocks.{i}`.
+  n, f, t = model.depth, "blocks", "blocks.{i}"
+  for path in (("norm1",), ("norm2",), ("attn", "q_norm"), ("attn", "k_norm")):
+    rules.append(Rule((f, *path, "scale"), f"{t}.{'.'.join(path)}.weight", layers=n))
+  for path in (("attn", "qkv"), ("attn", "proj"), ("mlp", "w12"), ("mlp", "w3")):
+    rules += linear((f, *path), f"{t}.{'.'.join(path)}", layers=n)
+  rules += linear((f, "adaLN_modulation"), f"{t}.adaLN_modulation.1", layers=n)
   rules += [Rule(("final_layer", "norm_final", "scale"), "final_layer.norm_final.weight")]
   rules += linear(("final_layer", "linear"), "final_layer.linear")
   rules += linear(("final_layer", "adaLN_modulation"), "final_layer.adaLN_modulation.1")
@@ -93,7 +92,7 @@ def load_dit(official_kwargs: Mapping, state_dict: Mapping[str, np.ndarray], **o
   `overrides` set sfd_jax-only fields (e.g. `dtype`, `remat_policy`). Raises `ConversionError` naming the first
   missing, unknown or mis-shaped key.
   """
-  model = LightningDiT(**dit_kwargs(official_kwargs, **overrides))
+  model = lightningdit(**dit_kwargs(official_kwargs, **overrides))
   template = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())
   params = flax_from_torch(state_dict, dit_rules(model), template["params"], constants=dit_constants(model),
                            what="LightningDiT checkpoint")

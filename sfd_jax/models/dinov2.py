@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sfd_jax.models.layers import SwiGLU
+from sfd_jax.models.layers import SwiGLU, attention, dense
 
 Dtype = Any
 
@@ -110,8 +110,7 @@ class LayerScale(nn.Module):
 
 
 def _dense(features, dtype, name):
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=nn.initializers.truncated_normal(0.02), name=name)
+  return dense(features, dtype, name, nn.initializers.truncated_normal(0.02))
 
 
 def _layer_norm(eps, dtype, name):
@@ -128,7 +127,7 @@ class Attention(nn.Module):
   def __call__(self, x):
     b, n, d = x.shape
     qkv = _dense(3 * d, self.dtype, "qkv")(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # scale 1/sqrt(head_dim)
+    out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
     return _dense(d, self.dtype, "proj")(out.reshape(b, n, d))
 
 

@@ -4,6 +4,11 @@ A LightningDiT (adaLN blocks with RMSNorm, QK-norm, SwiGLU, 2-D RoPE on top of a
 timestep embedders of width D/2, one per stream, whose outputs are concatenated `[sem | tex]`, and a REPA
 projector on the hidden states after block `repa_depth`. Inputs are NHWC latents with channels
 `[texture | semantic]`. The model is deterministic: label dropout belongs to the loss, which replaces labels.
+
+The transformer blocks are one `LightningDiTBlock` applied with `jax.lax.scan` over parameters stacked on a
+leading depth axis (`params['blocks']`), so XLA compiles one block instead of `depth` of them; the scan is split
+at `repa_depth` (two scans over slices of the same stack) for the REPA projector. `convert.dit` maps the stack
+to the official per-block names (`blocks.{i}.*`) both ways.
 """
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from sfd_jax.errors import UserError
-from sfd_jax.models.layers import (RMSNorm, SwiGLU, apply_rope, modulate, rope_2d, sincos_2d, swiglu_hidden,
-                                   timestep_embedding)
+from sfd_jax.models.layers import (RMSNorm, SwiGLU, apply_rope, attention, dense, modulate, rope_2d, sincos_2d,
+                                   swiglu_hidden, timestep_embedding)
 
 Dtype = Any
 
@@ -29,7 +34,7 @@ PRESETS = {
     "1p6B": dict(depth=28, hidden_size=1792, num_heads=28),
 }
 
-# What `nn.remat` saves for the backward pass: names usable in configs.
+# What each block's rematerialisation saves for the backward pass: names usable in configs.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -37,10 +42,12 @@ REMAT_POLICIES = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
+# The official init (spec §1.5): xavier-uniform Linear weights, zero biases.
+_XAVIER = nn.initializers.xavier_uniform()
+
 
 def _dense(features, dtype, name=None, zero=False):
-  init = nn.initializers.zeros if zero else nn.initializers.xavier_uniform()
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=init, name=name)
+  return dense(features, dtype, name, nn.initializers.zeros if zero else _XAVIER)
 
 
 class TimestepEmbedder(nn.Module):
@@ -51,31 +58,34 @@ class TimestepEmbedder(nn.Module):
   @nn.compact
   def __call__(self, t):
     init = nn.initializers.normal(0.02)
-    h = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init, name="mlp_0")(
-        timestep_embedding(t, 256))
-    return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init, name="mlp_2")(
-        nn.silu(h))
+    h = dense(self.width, self.dtype, "mlp_0", init)(timestep_embedding(t, 256))
+    return dense(self.width, self.dtype, "mlp_2", init)(nn.silu(h))
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with per-head RMSNorm on q and k (one weight shared by all heads) and 2-D RoPE."""
+  """Multi-head self-attention with per-head RMSNorm on q and k (one weight shared by all heads) and 2-D RoPE.
+
+  The norms and RoPE run in float32 and are cast to `dtype` once, as the attention's input.
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, rope_cos, rope_sin):
     b, n, d = x.shape
-    head_dim = d // self.num_heads
-    qkv = _dense(3 * d, self.dtype, "qkv")(x).reshape(b, n, 3, self.num_heads, head_dim)
+    qkv = _dense(3 * d, self.dtype, "qkv")(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = apply_rope(RMSNorm(dtype=self.dtype, name="q_norm")(q), rope_cos, rope_sin)
-    k = apply_rope(RMSNorm(dtype=self.dtype, name="k_norm")(k), rope_cos, rope_sin)
-    out = jax.nn.dot_product_attention(q, k, v.astype(q.dtype))  # scale 1/sqrt(head_dim)
+    q = apply_rope(RMSNorm(name="q_norm")(q), rope_cos, rope_sin).astype(self.dtype)
+    k = apply_rope(RMSNorm(name="k_norm")(k), rope_cos, rope_sin).astype(self.dtype)
+    out = attention(q, k, v)
     return _dense(d, self.dtype, "proj")(out.reshape(b, n, d))
 
 
 class LightningDiTBlock(nn.Module):
-  """x += g1·Attn(mod(norm1 x)); x += g2·SwiGLU(mod(norm2 x)); modulation from Linear(SiLU(c)) → 6D."""
+  """x += g1·Attn(mod(norm1 x)); x += g2·SwiGLU(mod(norm2 x)); modulation from Linear(SiLU(c)) → 6D.
+
+  Norm and modulation run in float32 and give the matmul its `dtype` input; the residual stream is in `dtype`.
+  """
   num_heads: int
   mlp_hidden: int
   dtype: Dtype = jnp.float32
@@ -85,10 +95,10 @@ class LightningDiTBlock(nn.Module):
     d = x.shape[-1]
     mod = _dense(6 * d, self.dtype, "adaLN_modulation", zero=True)(nn.silu(c))
     sh1, sc1, g1, sh2, sc2, g2 = jnp.split(mod, 6, axis=-1)
-    h = modulate(RMSNorm(dtype=self.dtype, name="norm1")(x), sh1, sc1)
+    h = modulate(RMSNorm(name="norm1")(x), sh1, sc1).astype(self.dtype)
     x = x + g1[:, None] * Attention(self.num_heads, self.dtype, name="attn")(h, rope_cos, rope_sin)
-    h = modulate(RMSNorm(dtype=self.dtype, name="norm2")(x), sh2, sc2)
-    return x + g2[:, None] * SwiGLU(self.mlp_hidden, self.dtype, name="mlp")(h)
+    h = modulate(RMSNorm(name="norm2")(x), sh2, sc2).astype(self.dtype)
+    return x + g2[:, None] * SwiGLU(self.mlp_hidden, self.dtype, _XAVIER, name="mlp")(h)
 
 
 class FinalLayer(nn.Module):
@@ -99,7 +109,7 @@ class FinalLayer(nn.Module):
   @nn.compact
   def __call__(self, x, c):
     shift, scale = jnp.split(_dense(2 * x.shape[-1], self.dtype, "adaLN_modulation", zero=True)(nn.silu(c)), 2, -1)
-    x = modulate(RMSNorm(dtype=self.dtype, name="norm_final")(x), shift, scale)
+    x = modulate(RMSNorm(name="norm_final")(x), shift, scale).astype(self.dtype)
     return _dense(self.out_features, self.dtype, "linear", zero=True)(x)
 
 
@@ -166,14 +176,33 @@ class LightningDiT(nn.Module):
       self.t_embedder = TimestepEmbedder(d, self.dtype)
     self.y_embedder = nn.Embed(self.num_classes + 1, d, param_dtype=jnp.float32,
                                embedding_init=nn.initializers.normal(0.02), name="y_embedder")
-    block = LightningDiTBlock
-    if self.remat_policy != "none":
-      block = nn.remat(LightningDiTBlock, policy=REMAT_POLICIES[self.remat_policy])
-    hidden = swiglu_hidden(d, self.mlp_ratio)
-    self.blocks = [block(self.num_heads, hidden, self.dtype, name=f"blocks_{i}") for i in range(self.depth)]
+    self.blocks = self.param("blocks", self._init_blocks)
     self.final_layer = FinalLayer(p * p * self.in_channels, self.dtype)
     if self.use_repa:
       self.repa_projector = REPAProjector(self.repa_projector_dim, self.repa_z_dim, self.dtype)
+
+  def block(self) -> LightningDiTBlock:
+    """The block every layer applies (unbound); layer i's parameters are `params['blocks']` at index i."""
+    return LightningDiTBlock(self.num_heads, swiglu_hidden(self.hidden_size, self.mlp_ratio), self.dtype,
+                             parent=None)
+
+  def _init_blocks(self, key):
+    """Every layer's parameters, initialised independently and stacked on a leading depth axis."""
+    x = jnp.zeros((1, self.grid_size ** 2, self.hidden_size), self.dtype)
+    c = jnp.zeros((1, self.hidden_size), self.dtype)
+    rope = rope_2d(self.head_dim, self.grid_size)
+    return jax.vmap(lambda k: self.block().init(k, x, c, *rope)["params"])(jax.random.split(key, self.depth))
+
+  def _apply_blocks(self, tokens, c, start: int, stop: int):
+    """Layers [start, stop) in a `lax.scan`, each rematerialised by `remat_policy`."""
+    block, rope = self.block(), rope_2d(self.head_dim, self.grid_size)
+
+    def layer(x, params):
+      return block.apply({"params": params}, x, c, *rope), None
+
+    if self.remat_policy != "none":
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+    return jax.lax.scan(layer, tokens, jax.tree.map(lambda p: p[start:stop], self.blocks))[0]
 
   def condition(self, t_tex, t_sem, y):
     """The adaLN condition c = [emb_sem | emb_tex] + label embedding, (B, D)."""
@@ -194,12 +223,14 @@ class LightningDiT(nn.Module):
     tokens = self.x_embedder(x.astype(self.dtype)).reshape(b, g * g, self.hidden_size)
     tokens = tokens + jnp.asarray(sincos_2d(self.hidden_size, g), self.dtype)[None]
     c = self.condition(t_tex, t_sem, y)
-    rope_cos, rope_sin = rope_2d(self.head_dim, g)
     z = None
-    for i, block in enumerate(self.blocks):
-      tokens = block(tokens, c, rope_cos, rope_sin)
-      if self.use_repa and i + 1 == self.repa_depth:
-        z = self.repa_projector(tokens).astype(jnp.float32)
+    if self.use_repa:  # the projector reads the hidden state after block repa_depth: two scans
+      tokens = self._apply_blocks(tokens, c, 0, self.repa_depth)
+      z = self.repa_projector(tokens).astype(jnp.float32)
+      if self.repa_depth < self.depth:
+        tokens = self._apply_blocks(tokens, c, self.repa_depth, self.depth)
+    else:
+      tokens = self._apply_blocks(tokens, c, 0, self.depth)
     out = self.final_layer(tokens, c).astype(jnp.float32)
     # Per-token outputs are laid out (i, j, c) with c fastest: the official unpatchify.
     v = out.reshape(b, g, g, p, p, self.in_channels).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, self.in_channels)
@@ -235,6 +266,13 @@ def preset_fields(preset: str) -> dict:
   return dict(PRESETS[name])
 
 
-def lightningdit(preset: str, **kwargs) -> LightningDiT:
-  """A LightningDiT of an official size; kwargs set any other field."""
-  return LightningDiT(**{**preset_fields(preset), **kwargs})
+def lightningdit(preset: str | None = None, **fields) -> LightningDiT:
+  """The one way to build a LightningDiT: an official size (`preset`, optional) with any field set or changed.
+
+  `dtype` may be a name ('bfloat16'), as configs hold it. A training config builds with `lightningdit(**cfg.model)`,
+  an official checkpoint with `lightningdit(**convert.dit.dit_kwargs(official_kwargs))`.
+  """
+  fields = {**(preset_fields(preset) if preset else {}), **fields}
+  if "dtype" in fields:
+    fields["dtype"] = jnp.dtype(fields["dtype"])
+  return LightningDiT(**fields)

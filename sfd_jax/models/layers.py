@@ -1,4 +1,10 @@
-"""Building blocks shared by the SFD networks: norms, SwiGLU, position tables, timestep embedding.
+"""Building blocks shared by the SFD networks: the dtype policy, attention, norms, SwiGLU, position tables,
+timestep embedding.
+
+The dtype policy is the same in every network (DiT, DINOv2, SemVAE, texture VAE): parameters, and so the
+optimiser state, are float32; matmuls and the activations between layers run in the module's `dtype` (the
+config's `model.dtype`, bfloat16 on accelerators); softmax, the statistics of every norm, RoPE and the timestep
+features are computed in float32 and cast back once, inside the same fusion, so they cost no extra memory traffic.
 
 Fixed tables (2-D sin-cos, RoPE) are computed in numpy at trace time: they are constants, not parameters, and
 they reproduce the official float64 (sin-cos) and float32 (RoPE) recipes exactly.
@@ -16,17 +22,46 @@ import numpy as np
 Dtype = Any
 
 
+def dense(features: int, dtype: Dtype, name: str | None = None, kernel_init=nn.initializers.lecun_normal(),
+          use_bias: bool = True) -> nn.Dense:
+  """A Dense layer under the dtype policy: float32 parameters, the matmul in `dtype`."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
+                  name=name)
+
+
+def attention(q, k, v):
+  """softmax(q·kᵀ/√head_dim)·v over (B, N, heads, head_dim) arrays, in q's dtype with a float32 softmax.
+
+  The one attention of every network here; the kernel is chosen in this one place: cuDNN flash attention on
+  NVIDIA GPUs where it applies (bfloat16/float16, head_dim a multiple of 8 up to 128), XLA's
+  einsum-softmax-einsum elsewhere (CPU, where it is what the parity tests check, and TPU, where XLA fuses the
+  softmax into the two matmuls).
+  """
+  v = v.astype(q.dtype)
+  k = k.astype(q.dtype)
+  head_dim = q.shape[-1]
+  if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+      and head_dim <= 128):
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
+def rms_normalize(x, eps: float = 1e-6):
+  """x·rsqrt(mean(x²) + eps) over the last axis, in float32 (returned as float32)."""
+  x32 = x.astype(jnp.float32)
+  return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nn.Module):
-  """y = x·rsqrt(mean(x²) + eps) computed in float32, cast back, times a learnable weight (init 1)."""
+  """y = x·rsqrt(mean(x²) + eps) · weight (init 1), computed in float32 and returned in `dtype` (float32 for a
+  caller that goes on computing in float32, such as adaLN modulation or RoPE)."""
   eps: float = 1e-6
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return y.astype(self.dtype) * scale.astype(self.dtype)
+    return (rms_normalize(x, self.eps) * scale).astype(self.dtype)
 
 
 def swiglu_hidden(width: int, mlp_ratio: float) -> int:
@@ -38,12 +73,12 @@ class SwiGLU(nn.Module):
   """out = w3(silu(a) · b) with [a | b] = w12(x); the state-dict names are `w12` and `w3`."""
   hidden: int
   dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
 
   @nn.compact
   def __call__(self, x):
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=jnp.float32, name=name)
-    a, b = jnp.split(dense(2 * self.hidden, "w12")(x), 2, axis=-1)
-    return dense(x.shape[-1], "w3")(nn.silu(a) * b)
+    a, b = jnp.split(dense(2 * self.hidden, self.dtype, "w12", self.kernel_init)(x), 2, axis=-1)
+    return dense(x.shape[-1], self.dtype, "w3", self.kernel_init)(nn.silu(a) * b)
 
 
 def modulate(x, shift, scale):
@@ -93,15 +128,20 @@ def rope_2d(head_dim: int, grid_size: int, theta: float = 10000.0) -> tuple[np.n
 
 
 def apply_rope(x, cos, sin):
-  """x·cos + rot(x)·sin with rot pairing adjacent dims: rot(x)[2i] = −x[2i+1], rot(x)[2i+1] = x[2i].
+  """x·cos + rot(x)·sin with rot pairing adjacent dims: rot(x)[2i] = −x[2i+1], rot(x)[2i+1] = x[2i]; float32.
 
-  x: (B, N, heads, head_dim); cos, sin: (N, head_dim).
+  x: (B, N, heads, head_dim); cos, sin: (N, head_dim). Written as shifts by one lane and sign-folded sine tables
+  (exactly the same sums) so that XLA fuses it with the norm before it instead of materialising the pairs.
   """
-  pairs = x.reshape(*x.shape[:-1], -1, 2)
-  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-  cos = jnp.asarray(cos, x.dtype)[:, None, :]
-  sin = jnp.asarray(sin, x.dtype)[:, None, :]
-  return x * cos + rotated * sin
+  x = x.astype(jnp.float32)
+  even = np.arange(x.shape[-1]) % 2 == 0
+  sin = np.asarray(sin, np.float32)
+  sin_next = np.where(even, -sin, 0).astype(np.float32)[:, None, :]  # multiplies x[i+1] at even i
+  sin_prev = np.where(even, 0, sin).astype(np.float32)[:, None, :]   # multiplies x[i−1] at odd i
+  pad = [(0, 0)] * (x.ndim - 1)
+  x_next = jnp.pad(x[..., 1:], pad + [(0, 1)])
+  x_prev = jnp.pad(x[..., :-1], pad + [(1, 0)])
+  return x * np.asarray(cos, np.float32)[:, None, :] + x_next * sin_next + x_prev * sin_prev
 
 
 def posterior_std(logvar):

@@ -16,10 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from sfd_jax.models.layers import posterior_sample, sincos_2d
+from sfd_jax.models.layers import attention, dense, posterior_sample, sincos_2d
 
 Dtype = Any
 
@@ -33,14 +32,13 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, n, d = x.shape
-    dense = lambda f, name: nn.Dense(f, dtype=self.dtype, param_dtype=jnp.float32,
-                                     kernel_init=nn.initializers.xavier_uniform(), name=name)
+    linear = lambda f, name: dense(f, self.dtype, name, nn.initializers.xavier_uniform())
     norm = lambda name: nn.LayerNorm(1e-6, dtype=self.dtype, param_dtype=jnp.float32, name=name)
-    qkv = dense(3 * d, "qkv")(norm("norm1")(x)).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-    attn = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, n, d)
-    x = x + dense(d, "proj")(attn)
-    h = nn.gelu(dense(int(d * self.mlp_ratio), "fc1")(norm("norm2")(x)), approximate=False)
-    return x + dense(d, "fc2")(h)
+    qkv = linear(3 * d, "qkv")(norm("norm1")(x)).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+    attn = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, n, d)
+    x = x + linear(d, "proj")(attn)
+    h = nn.gelu(linear(int(d * self.mlp_ratio), "fc1")(norm("norm2")(x)), approximate=False)
+    return x + linear(d, "fc2")(h)
 
 
 class Tower(nn.Module):
@@ -55,13 +53,12 @@ class Tower(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, h, w, _ = x.shape
-    x = nn.Dense(self.hidden_size, dtype=self.dtype, param_dtype=jnp.float32, name="proj_in")(
-        x.reshape(b, h * w, -1).astype(self.dtype))
+    x = dense(self.hidden_size, self.dtype, "proj_in")(x.reshape(b, h * w, -1).astype(self.dtype))
     x = x + jnp.asarray(sincos_2d(self.hidden_size, h, w), self.dtype)[None]
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}")(x)
     x = nn.LayerNorm(1e-6, dtype=self.dtype, param_dtype=jnp.float32, name="norm")(x)
-    x = nn.Dense(self.out_features, dtype=self.dtype, param_dtype=jnp.float32, name="proj_out")(x)
+    x = dense(self.out_features, self.dtype, "proj_out")(x)
     return x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(b, h, w, self.out_features)
 
 

@@ -47,8 +47,15 @@ def test_intermediates(golden, outputs):
                              atol=ATOL, rtol=RTOL)
   for name in ("t_embedder_sem", "t_embedder_tex", "y_embedder", "repa_projector", "final_layer"):
     np.testing.assert_allclose(got(name), ref[f"{name}_out"], atol=ATOL, rtol=RTOL, err_msg=name)
+  # Block i (layer i of the scanned stack) on the official input of block i.
+  block, rope = model.block(), rope_2d(model.head_dim, model.grid_size)
+  apply_block = jax.jit(lambda params, x, c: block.apply({"params": params}, x, c, *rope))
+  x = ref["x_embedder_out"] + sincos_2d(model.hidden_size, model.grid_size)[None]
   for i in range(model.depth):
-    np.testing.assert_allclose(got(f"blocks_{i}"), ref[f"block{i}_out"], atol=ATOL, rtol=RTOL, err_msg=f"block {i}")
+    params = jax.tree.map(lambda p: p[i], variables["params"]["blocks"])
+    np.testing.assert_allclose(apply_block(params, x, ref["c"]), ref[f"block{i}_out"], atol=ATOL, rtol=RTOL,
+                               err_msg=f"block {i}")
+    x = ref[f"block{i}_out"]
   c = model.apply(variables, io["t_tex"], io["t_sem"], io["y"], method=model.condition)
   np.testing.assert_allclose(np.asarray(c), ref["c"], atol=ATOL, rtol=RTOL)
   for stream in ("sem", "tex"):
