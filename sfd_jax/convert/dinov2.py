@@ -182,7 +182,7 @@ def _kwargs_from_shapes(state_dict: Mapping, preset: str | None) -> dict:
               depth=max(blocks) + 1, num_heads=heads, mlp_ratio=mlp_ratio, swiglu=swiglu, num_registers=registers)
 
 
-def _read_hf_dir(path: Path, trust_pickle: bool):
+def _read_hf_dir(path: Path):
   config_file = path / "config.json"
   if not config_file.exists():
     raise ConversionError(f"{path} has no config.json; pass a Hugging Face model directory "
@@ -193,10 +193,10 @@ def _read_hf_dir(path: Path, trust_pickle: bool):
         path.glob("*.index.json")) else ""
     raise ConversionError(f"{path} has no {' or '.join(_HF_WEIGHT_FILES)}{sharded}")
   config = json.loads(config_file.read_text())
-  return config, select_state_dict(load_state_dict(weights, trust_pickle=trust_pickle))
+  return config, select_state_dict(load_state_dict(weights))
 
 
-def load_dinov2(source, config=None, *, preset: str | None = None, trust_pickle: bool = False, **overrides):
+def load_dinov2(source, config=None, *, preset: str | None = None, trust_pickle=None, **overrides):
   """(model, {"params": ...}) from a DINOv2-with-registers checkpoint, strictly.
 
   `source`: a local Hugging Face model directory (config.json + model.safetensors or pytorch_model.bin; the hub
@@ -207,6 +207,7 @@ def load_dinov2(source, config=None, *, preset: str | None = None, trust_pickle:
   `overrides` set sfd_jax-only fields (e.g. `dtype`). Raises `ConversionError` naming a missing, unknown or
   mis-shaped key.
   """
+  del trust_pickle  # accepted until the call sites drop it
   if config is not None and preset is not None:
     raise ValueError("pass either config or preset, not both")
   if isinstance(source, Mapping):
@@ -216,9 +217,9 @@ def load_dinov2(source, config=None, *, preset: str | None = None, trust_pickle:
     if path.is_dir():
       if config is not None:
         raise ValueError(f"{path} is a model directory with its own config.json; do not pass config")
-      config, state_dict = _read_hf_dir(path, trust_pickle)
+      config, state_dict = _read_hf_dir(path)
     else:
-      state_dict = select_state_dict(load_state_dict(path, trust_pickle=trust_pickle))
+      state_dict = select_state_dict(load_state_dict(path))
   kwargs = dinov2_kwargs(config) if config is not None else _kwargs_from_shapes(state_dict, preset)
   model = DINOv2(**kwargs, **overrides)
   rules = dinov2_rules(model)
