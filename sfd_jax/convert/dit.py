@@ -11,12 +11,20 @@ from sfd_jax.convert.io import ConversionError
 from sfd_jax.models.dit import LightningDiT, lightningdit, preset_fields
 from sfd_jax.models.layers import rope_2d, sincos_2d
 
-# Width of the DINOv2 features each `repa_dino_version` aligns to.
-DINO_WIDTHS = {"dinov2_vits14": 384, "dinov2_vitb14": 768, "dinov2_vitl14": 1024, "dinov2_vitg14": 1536}
-
+# Width of the features each official `repa_dino_version` aligns to (the official constructor's table, and g/14).
+REPA_WIDTHS = {"dinov2_vits14": 384, "dinov2_vits14_reg": 384, "dinov2_vitb14": 768, "dinov2_vitb14_reg": 768,
+               "dinov2_vitl14": 1024, "dinov2_vitl14_reg": 1024, "dinov2_vitg14": 1536, "dinov2_vitg14_reg": 1536,
+               "mae_base": 768, "mae_large": 1024, "clip_vit_base_patch16": 768, "clip_vit_large_patch14": 1024,
+               "siglip_base_patch16_224": 768}
+# The official constructor's network arguments and their defaults (`LightningDiT.__init__`), which an argument
+# that is missing or None takes.
+_OFFICIAL_DEFAULTS = {"input_size": 32, "patch_size": 2, "in_channels": 32, "hidden_size": 1152, "depth": 28,
+                      "num_heads": 16, "mlp_ratio": 4.0, "num_classes": 1000, "use_repa": False,
+                      "repa_dino_version": None, "repa_depth": None, "repa_projector_dim": 2048, "semantic_chans": 0,
+                      "semfirst_delta_t": 0.0}
 # Official constructor arguments that configure training or sampling, not the network.
 _NOT_NETWORK = {"class_dropout_prob", "semfirst_infer_interval_mode", "use_checkpoint"}
-# Official switches sfd_jax implements only in their SFD setting.
+# Official switches sfd_jax implements only in their SFD setting (which is what leaving one out means here).
 _FIXED = {"learn_sigma": False, "use_qknorm": True, "use_swiglu": True, "use_rope": True, "use_rmsnorm": True,
           "wo_shift": False}
 
@@ -30,29 +38,41 @@ def official_sfd_kwargs(preset: str, **overrides) -> dict:
 
 
 def dit_kwargs(official_kwargs: Mapping, **overrides) -> dict:
-  """`LightningDiT` fields from the official constructor kwargs (a fixture's or yaml's `model_kwargs`)."""
-  kw = dict(official_kwargs)
+  """`LightningDiT` fields from the official constructor kwargs (a yaml's, a fixture's, `official_sfd_kwargs`).
+
+  An argument that is missing or None means what it means to the official constructor: its default (so no REPA
+  projector, one timestep embedder). The architecture switches of `_FIXED` may be left out; given, they must have
+  their SFD value. `overrides` set sfd_jax-only fields (e.g. `dtype`).
+  """
   for name, value in _FIXED.items():
-    if name in kw and bool(kw.pop(name)) != value:
+    if name in official_kwargs and bool(official_kwargs[name]) != value:
       raise ConversionError(f"sfd_jax implements the SFD LightningDiT ({', '.join(f'{k}={v}' for k, v in _FIXED.items())});"
                             f" this checkpoint has {name}={official_kwargs[name]}")
-  for name in _NOT_NETWORK:
-    kw.pop(name, None)
-  dino = kw.pop("repa_dino_version", "dinov2_vitb14_reg").removesuffix("_reg")
-  if dino not in DINO_WIDTHS:
-    raise ConversionError(f"unknown repa_dino_version {official_kwargs['repa_dino_version']!r}; "
-                          f"known: {sorted(DINO_WIDTHS)} (with or without _reg)")
-  delta = float(kw.pop("semfirst_delta_t", 0.0))
-  semantic_chans = int(kw.pop("semantic_chans", 0))
-  out = dict(repa_z_dim=DINO_WIDTHS[dino], dual_timestep=delta > 0 and semantic_chans > 0)
-  known = {"input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
-           "num_classes", "use_repa", "repa_depth", "repa_projector_dim"}
-  unknown = set(kw) - known
+  unknown = set(official_kwargs) - set(_OFFICIAL_DEFAULTS) - _NOT_NETWORK - set(_FIXED)
   if unknown:
-    raise ConversionError(f"unknown LightningDiT constructor argument(s) {sorted(unknown)}")
-  out.update(kw)
-  out.update(overrides)
-  return out
+    raise ConversionError(f"unknown LightningDiT constructor argument(s) {sorted(unknown)}; known: "
+                          f"{sorted(set(_OFFICIAL_DEFAULTS) | _NOT_NETWORK | set(_FIXED))}")
+  kw = {**_OFFICIAL_DEFAULTS, **{k: v for k, v in official_kwargs.items() if v is not None}}
+
+  def number(name, kind=int):
+    try:
+      return kind(kw[name])
+    except (TypeError, ValueError):
+      raise ConversionError(f"LightningDiT argument {name}={kw[name]!r} must be a number") from None
+
+  out = {name: number(name) for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth",
+                                         "num_heads", "num_classes")}
+  out.update(mlp_ratio=number("mlp_ratio", float), use_repa=bool(kw["use_repa"]),
+             dual_timestep=number("semfirst_delta_t", float) > 0 and number("semantic_chans") > 0)
+  if out["use_repa"]:
+    if kw["repa_dino_version"] is None or kw["repa_depth"] is None:
+      raise ConversionError("use_repa=True needs repa_dino_version and repa_depth (the official constructor "
+                            f"asserts both); got {kw['repa_dino_version']!r} and {kw['repa_depth']!r}")
+    if kw["repa_dino_version"] not in REPA_WIDTHS:
+      raise ConversionError(f"unknown repa_dino_version {kw['repa_dino_version']!r}; known: {sorted(REPA_WIDTHS)}")
+    out.update(repa_depth=number("repa_depth"), repa_projector_dim=number("repa_projector_dim"),
+               repa_z_dim=REPA_WIDTHS[kw["repa_dino_version"]])
+  return {**out, **overrides}
 
 
 def dit_rules(model: LightningDiT) -> list[Rule]:
