@@ -8,13 +8,16 @@
       --out=stats.json
   python -m sfd_jax.cli.convert --kind=dit --to_torch --checkpoint=exports/sfd_xl --out=sfd_xl.pt
 
-DiT checkpoints take their `ema` weights (the ones sampled from); the network is the official SFD model of
-`--preset`, or any official constructor kwargs given as JSON in `--model_kwargs`. torch files are read with
-`weights_only=True`; `--trust_pickle` allows files holding other Python objects, for files you trust.
+DiT checkpoints of train.py take their `ema` weights (the ones sampled from; `--which=model` for the others); the
+network is the official SFD model of `--preset`, or any official constructor kwargs given as JSON in
+`--model_kwargs`. torch is not needed: torch files are read without running anything they hold, and only the
+tensors needed are read; one line says what was skipped (the optimizer state, a pickled config, ...).
 """
 from __future__ import annotations
 
 import json
+import logging
+import sys
 
 from absl import app, flags
 
@@ -32,19 +35,22 @@ flags.DEFINE_string("model_kwargs", None, "DiT: official constructor kwargs as J
 flags.DEFINE_integer("embed_dim", 32, "Texture VAE: latent channels.")
 flags.DEFINE_string("semantic_stats", None, "Stats: the official latents_sv_stats.pt (semantic channels).")
 flags.DEFINE_bool("to_torch", False, "Convert an exported model back to official names (.pt needs torch, or .npz).")
-flags.DEFINE_bool("trust_pickle", False, "Allow torch files that hold Python objects besides tensors.")
+flags.DEFINE_enum("which", "ema", ("ema", "model"), "DiT: which weights of a train.py checkpoint to convert.")
 flags.mark_flags_as_required(["kind", "checkpoint", "out"])
 
 
 @user_errors_exit
 def main(argv):
   del argv
+  reports = logging.getLogger("sfd_jax.convert")  # what reading a file skipped, one line per file
+  reports.setLevel(logging.INFO)
+  reports.addHandler(logging.StreamHandler(sys.stdout))
   if FLAGS.to_torch:
     path = convert_to_torch(FLAGS.checkpoint, FLAGS.out)
   else:
     kwargs = json.loads(FLAGS.model_kwargs) if FLAGS.model_kwargs else None
     path = convert_to_flax(FLAGS.kind, FLAGS.checkpoint, FLAGS.out, FLAGS.preset, kwargs, FLAGS.embed_dim,
-                           FLAGS.semantic_stats, FLAGS.trust_pickle)
+                           FLAGS.semantic_stats, FLAGS.which)
   print(f"wrote {path}")
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from sfd_jax.errors import UserError
 from sfd_jax.models.dinov2 import DINOv2
 from sfd_jax.models.dit import LightningDiT
 from sfd_jax.models.semvae import SemVAE
@@ -37,7 +38,7 @@ def save_model(path, model, variables, extra: dict | None = None) -> Path:
   """Writes `model.json` and the params (orbax) under `path`; refuses to overwrite an existing export."""
   path = Path(path).absolute()
   if (path / "model.json").exists():
-    raise FileExistsError(f"{path} already holds an exported model; choose another output directory")
+    raise UserError(f"{path} already holds an exported model; choose another output directory")
   path.mkdir(parents=True, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path / "params", variables["params"])
@@ -51,11 +52,11 @@ def load_model(path, sharding=None, **overrides):
   """(model, variables, meta) of an exported model; `sharding` (a Sharding or a tree of them) places the params."""
   path = Path(path).absolute()
   if not (path / "model.json").exists():
-    raise FileNotFoundError(f"{path} is not an exported model (no model.json); "
+    raise UserError(f"{path} is not an exported model (no model.json); "
                             "make one with `python -m sfd_jax.cli.convert`")
   meta = json.loads((path / "model.json").read_text())
   if meta["class"] not in MODEL_CLASSES:
-    raise ValueError(f"{path}: unknown model class {meta['class']!r}")
+    raise UserError(f"{path}: unknown model class {meta['class']!r} in model.json")
   fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["fields"].items()}
   if "dtype" in fields:
     fields["dtype"] = jnp.dtype(fields["dtype"])

@@ -12,22 +12,26 @@ import numpy as np
 from sfd_jax.convert import export
 from sfd_jax.convert.dinov2 import dinov2_to_hf, load_dinov2
 from sfd_jax.convert.dit import dit_to_torch, load_dit, official_sfd_kwargs
-from sfd_jax.convert.io import load_state_dict, select_state_dict
+from sfd_jax.convert.io import ConversionError, load_state_dict, select_state_dict
 from sfd_jax.convert.texture_vae import load_texture_vae, texture_vae_to_torch
+from sfd_jax.errors import UserError
 
 SD_VAE_F16D32 = dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], dropout=0.0,
                      resamp_with_conv=True, in_channels=3, resolution=256, z_channels=32, double_z=True, out_ch=3)
 
 
 def convert_to_flax(kind: str, checkpoint: str, out: str, preset: str = "XL", model_kwargs: dict | None = None,
-                    embed_dim: int = 32, semantic_stats: str | None = None, trust_pickle: bool = False) -> Path:
-  """Reads an official file and writes its sfd_jax form; returns the path written."""
+                    embed_dim: int = 32, semantic_stats: str | None = None, which: str = "ema") -> Path:
+  """Reads an official file and writes its sfd_jax form; returns the path written.
+
+  A DiT checkpoint of train.py gives its `which` weights ('ema', the ones sampled from, or 'model').
+  """
   if kind == "dinov2":  # a Hugging Face directory or a facebookresearch/HF weight file
-    model, variables = load_dinov2(checkpoint, trust_pickle=trust_pickle)
+    model, variables = load_dinov2(checkpoint)
     return export.save_model(out, model, variables, extra={"source": str(Path(checkpoint).absolute())})
-  raw = load_state_dict(checkpoint, trust_pickle=trust_pickle)
+  raw = load_state_dict(checkpoint, which=which if kind == "dit" else None)
   if kind == "stats":
-    return write_stats(raw, load_state_dict(semantic_stats, trust_pickle=trust_pickle) if semantic_stats else None,
+    return write_stats(raw, load_state_dict(semantic_stats) if semantic_stats else None,
                        out, sources=[checkpoint, semantic_stats])
   if kind == "dit":
     kwargs = model_kwargs or official_sfd_kwargs(preset)
@@ -47,7 +51,7 @@ def write_stats(texture: dict, semantic: dict | None, out: str, sources) -> Path
   stats["source"] = [str(s) for s in sources if s]
   path = Path(out)
   if path.exists():
-    raise FileExistsError(f"{path} exists; choose another output file")
+    raise UserError(f"{path} exists; choose another output file")
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(stats, indent=1))
   return path
@@ -55,7 +59,7 @@ def write_stats(texture: dict, semantic: dict | None, out: str, sources) -> Path
 
 def _channel_stats(raw: dict, what: str) -> dict:
   if "mean" not in raw or "std" not in raw:
-    raise ValueError(f"the {what} stats file must hold 'mean' and 'std' tensors, found {sorted(raw)}")
+    raise ConversionError(f"the {what} stats file must hold 'mean' and 'std' tensors, found {sorted(raw)}")
   return {"mean": np.asarray(raw["mean"], np.float64).reshape(-1).tolist(),
           "std": np.asarray(raw["std"], np.float64).reshape(-1).tolist()}
 
@@ -67,7 +71,7 @@ def convert_to_torch(exported: str, out: str) -> Path:
   state_dict = to_torch[meta["class"]](model, variables)
   path = Path(out)
   if path.exists():
-    raise FileExistsError(f"{path} exists; choose another output file")
+    raise UserError(f"{path} exists; choose another output file")
   if path.suffix == ".npz":
     np.savez(path, **state_dict)
   else:
