@@ -7,18 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-# Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendor datasheets).
-PEAK_BF16_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-}
+from sfd_jax.plan import PEAK_BF16_FLOPS  # dense bf16 peak per device kind, from the one chip table (plan.CHIPS)
 
 
 def peak_flops(device: jax.Device | None = None) -> float | None:

@@ -1,0 +1,157 @@
+"""The pod planner against independent arithmetic: a tiny SFD config compiled by libtpu for a 2×2 v5e slice on this
+CPU host (no TPU needed; skipped only where libtpu is not installed)."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("libtpu", reason="the planner compiles for TPU topologies with libtpu: pip install "
+                                     "'jax[tpu]==0.10.2' (CI installs it with the test extra)")
+
+from sfd_jax import plan  # noqa: E402
+from sfd_jax import sharding as shd  # noqa: E402
+from sfd_jax.errors import UserError  # noqa: E402
+from sfd_jax.training import config as config_lib, state as state_lib  # noqa: E402
+from tests.tiny import tiny_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPOLOGY, CHIPS = "v5e:2x2", 4
+
+
+def planner_config(batch_size=32, accum=1):
+  """Width 128, depth 2, 64 tokens: matmuls dominate the FLOPs, as in the real models; every matrix a multiple of
+  the TPU's 128-lane tiles, so that the arguments are not padded."""
+  cfg = tiny_config(batch_size=batch_size, grad_accum_steps=accum)
+  cfg.model = config_lib.model_config("S", input_size=8, in_channels=128, hidden_size=128, depth=2, num_heads=2,
+                                      mlp_ratio=6.0, num_classes=15, repa_depth=1, repa_projector_dim=128,
+                                      repa_z_dim=128)
+  cfg.mesh.data, cfg.mesh.fsdp = 2, 2
+  cfg.sample.num_images = 8
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def devices():
+  return plan.tpu_devices(TOPOLOGY)
+
+
+@pytest.fixture(scope="module")
+def planned(devices):
+  return plan.plan(planner_config(), devices, TOPOLOGY, programs=("train_step", "sample_step"))
+
+
+def test_accelerator_names_and_slices():
+  assert plan.topology_string("v5e-64") == plan.topology_string("v5litepod-64") == "v5e:8x8"
+  assert plan.topology_string("v6e-64") == "v6e:8x8"
+  assert plan.topology_string("v4-64") == "v4:2x4x4"       # v4 and v5p names count TensorCores: 32 chips
+  assert plan.topology_string("v5p-128") == "v5:4x4x4"
+  assert plan.topology_string("v5p:4x4x12") == "v5:4x4x12"
+  assert plan.topology_string("V5E:4x8") == "v5e:4x8"
+  for bad in ("v5e-3", "v7-8", "tpu", "v5p-63"):
+    with pytest.raises(UserError):
+      plan.topology_string(bad)
+  for name, slices, chips, kind in (("v5e-64", 1, 64, "TPU v5 lite"), ("v4-64", 1, 32, "TPU v4"),
+                                    ("v5p-128", 1, 64, "TPU v5"), ("v6e-64", 1, 64, "TPU v6 lite"),
+                                    ("v5e-16", 2, 32, "TPU v5 lite")):
+    devices = plan.tpu_devices(name, slices)
+    assert len(devices) == chips and devices[0].device_kind == kind
+    assert len({getattr(d, "slice_index", 0) for d in devices}) == slices
+
+
+def test_train_step_flops_match_the_model_count(planned):
+  model = config_lib.build_model(planner_config().model)
+  expected = 3 * model.forward_flops() * 32 / CHIPS
+  step = planned["train_step"]
+  assert step["model_flops_per_chip"] == pytest.approx(expected)
+  assert step["flops_per_chip"] == pytest.approx(expected, rel=0.06)  # + norms, softmax, AdamW, EMA
+  for key in ("fits", "hbm_per_chip_bytes", "hbm_capacity_bytes", "flops_per_chip", "model_flops_per_chip",
+              "hbm_traffic_bytes_per_chip", "step_time_bound_s", "mfu_bound", "compile_s"):
+    assert key in step, key
+
+
+def test_arguments_are_the_state_shard_and_the_batch_shard(planned, devices):
+  cfg = planner_config()
+  mesh = shd.make_mesh(2, 2, devices=devices)
+  model = config_lib.build_model(cfg.model)
+  abstract, _ = state_lib.abstract_train_state(model, state_lib.make_optimizer(cfg.optim), mesh, cfg.sharding)
+  state = 0
+  for leaf in __import__("jax").tree.leaves(abstract):
+    split = math.prod(mesh.shape[a] for axes in leaf.sharding.spec if axes for a in np.atleast_1d(axes))
+    state += math.prod(leaf.shape) * leaf.dtype.itemsize / split
+  rows = 32 // CHIPS
+  batch = rows * (8 * 8 * 128 * 4 + 4 + 64 * 128 * 4)  # x float32, y int32, dino float32
+  hbm = planned["train_step"]["hbm"]
+  assert planned["state_bytes_per_chip"] == pytest.approx(state)
+  assert hbm["arguments"] == pytest.approx(state + batch, rel=0.02)  # TPU tiles pad the smallest vectors
+  assert hbm["aliases"] == pytest.approx(state, rel=0.02)  # the state is donated: updated in place
+  step = planned["train_step"]
+  assert step["hbm_per_chip_bytes"] == hbm["arguments"] + hbm["outputs"] - hbm["aliases"] + hbm["temporaries"] + \
+      hbm["code"]
+  assert step["fits"] and step["hbm_capacity_bytes"] == 15.75 * 2 ** 30
+
+
+def test_bound_is_the_roofline_of_the_chip_table(planned):
+  step, chip = planned["train_step"], plan.CHIPS["TPU v5 lite"]
+  compute = step["flops_per_chip"] / 197e12
+  hbm = step["hbm_traffic_bytes_per_chip"] / 819e9
+  assert step["step_time_bound_s"] == pytest.approx(max(compute, hbm, step["time_s"]["ici"]))
+  assert step["mfu_bound"] == pytest.approx(step["model_flops_per_chip"] / step["step_time_bound_s"] / 197e12)
+  assert step["images_per_s_per_chip"] == pytest.approx(32 / CHIPS / step["step_time_bound_s"])
+  assert step["full_run_s"] == pytest.approx(planner_config().total_steps * step["step_time_bound_s"])
+  assert chip.peak_bf16_flops == 197e12 and chip.hbm_bandwidth == 819e9
+  assert sum(c["count"] for c in step["collectives"].values()) > 0  # fsdp 2: params gathered, grads reduced
+
+
+def test_grad_accumulation_keeps_the_flops(planned, devices):
+  """XLA's cost model counts a loop body once; the planner adds the other iterations."""
+  mesh = shd.make_mesh(2, 2, devices=devices)
+  accum = plan.compile_program(plan.train_program(planner_config(accum=2), mesh), plan.CHIPS["TPU v5 lite"], CHIPS)
+  assert accum["loops"]["trip_counts"] == [2]
+  assert accum["xla_cost_analysis"]["flops"] < 0.6 * planned["train_step"]["flops_per_chip"]
+  assert accum["flops_per_chip"] == pytest.approx(planned["train_step"]["flops_per_chip"], rel=0.03)
+
+
+def test_sampler_steps(planned):
+  model = config_lib.build_model(planner_config().model)
+  per_chip = 2 * model.forward_flops(with_repa=False) * 8 / CHIPS  # CFG doubles the batch
+  dopri5, euler = planned["sample_step"], planned["sample_step_euler"]
+  assert dopri5["model_flops_per_chip"] == pytest.approx(6 * per_chip)
+  assert euler["model_flops_per_chip"] == pytest.approx(per_chip)
+  assert dopri5["flops_per_chip"] == pytest.approx(6 * per_chip, rel=0.1)
+  assert euler["flops_per_chip"] == pytest.approx(per_chip, rel=0.1)
+  assert euler["full_run_s"] == pytest.approx(50_000 * (planner_config().sample.num_steps - 1) / 8
+                                              * euler["step_time_bound_s"])
+
+
+def test_a_program_too_big_does_not_fit(devices):
+  """A batch whose activations exceed 15.75 GiB per chip: libtpu refuses to compile it, the plan says so."""
+  cfg = planner_config(batch_size=2 ** 16)
+  mesh = shd.make_mesh(2, 2, devices=devices)
+  result = plan.compile_program(plan.train_program(cfg, mesh), plan.CHIPS["TPU v5 lite"], CHIPS)
+  assert not result["fits"] and not result["compiled"]
+  assert result["hbm_per_chip_bytes"] > 15.75 * 2 ** 30
+
+
+def test_command_line_writes_the_json(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = tmp_path / "plan.json"
+  run = subprocess.run([sys.executable, "-m", "sfd_jax.cli.plan", "--config=configs/smoke.py", "--topology=v5e-4",
+                        "--programs=sample_step", "--sample_batch=8", f"--json={out}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-2000:]
+  result = json.loads(out.read_text())
+  assert (result["topology"], result["chips"], result["device_kind"]) == ("v5e-4", 4, "TPU v5 lite")
+  for key in ("fits", "hbm_per_chip_bytes", "hbm_capacity_bytes", "flops_per_chip", "model_flops_per_chip",
+              "hbm_traffic_bytes_per_chip", "step_time_bound_s", "mfu_bound", "compile_s"):
+    assert key in result["sample_step"], key
+  assert "4 × TPU v5 lite" in run.stdout
+
+  bad = subprocess.run([sys.executable, "-m", "sfd_jax.cli.plan", "--config=configs/smoke.py", "--topology=v5e-3"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1].startswith("error: --topology='v5e-3'")
