@@ -257,6 +257,20 @@ def test_layouts_dtypes_and_shared_storages(tmp_path, legacy):
   assert raw.dtype.name == "bfloat16" and raw.view(np.int16).tobytes() == tensors["bf16"].view(torch.int16).numpy().tobytes()
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_every_pickle_protocol(tmp_path, protocol):
+  """torch.save writes protocol 2 unless asked otherwise; later protocols spell globals and objects differently."""
+  ema = {"transposed": torch.randn(3, 4).t(), "bf16": torch.randn(2).to(torch.bfloat16)}
+  other = {"defaultdict": __import__("collections").defaultdict(list, {1: [2]}), "set": {1, 2}, "bytes": b"\x00\xff",
+           "complex": 1 + 2j, "path": pathlib.PurePosixPath("/x")}
+  torch.save({"ema": ema, "other": other}, tmp_path / "p.pt", pickle_protocol=protocol)
+  assert_same_tensors(load_state_dict(tmp_path / "p.pt"), ema)
+  with TorchFile(tmp_path / "p.pt") as f:
+    read = f.root["other"]
+  assert (read["defaultdict"], read["set"], read["bytes"], read["complex"]) == ({1: [2]}, {1, 2}, b"\x00\xff", 1 + 2j)
+  assert read["path"].source == "pathlib.PurePosixPath" and read["path"].args == ("/", "x")  # its parts
+
+
 def test_big_endian_files(tmp_path):
   tensors = {"f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 3).to(torch.bfloat16),
              "i64": torch.arange(6).reshape(2, 3), "c64": torch.randn(2, dtype=torch.complex64), "u8": torch.arange(4, dtype=torch.uint8)}
