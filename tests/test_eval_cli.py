@@ -20,7 +20,7 @@ from PIL import Image
 from sfd_jax.convert.inception import FID_WEIGHTS_NAME, inception_to_torch, load_inception
 from sfd_jax.eval.evaluator import evaluate
 from sfd_jax.eval.features import Activations, FeatureExtractor
-from sfd_jax.eval.images import ArrayImages, open_images
+from sfd_jax.data.images import ArrayImages, open_images, read_images
 from sfd_jax.eval.inception_score import inception_score
 from sfd_jax.eval.precision_recall import precision_recall
 from sfd_jax.eval.reference import write_reference
@@ -142,7 +142,7 @@ class _ProjectionFeatures:
   logic where a 2048-wide FID would cost too much: pool 6 wide, spatial 4, logits 10 (8 images: full rank)."""
 
   def __call__(self, source, desc=""):
-    pixels = source.read(np.arange(len(source))).reshape(len(source), -1).astype(np.float64) / 255
+    pixels = read_images(source, range(len(source))).reshape(len(source), -1).astype(np.float64) / 255
     proj = np.random.default_rng(0).normal(size=(pixels.shape[1], 20)) / np.sqrt(pixels.shape[1])
     f = np.tanh(pixels @ proj * 4).astype(np.float32)
     return Activations(pool=f[:, :6], spatial=f[:, 6:10], logits=f[:, 10:] * 3)

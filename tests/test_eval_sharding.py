@@ -53,7 +53,7 @@ def _worker(out: Path, process: int | None, num_processes: int, port: int):
 
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
   from sfd_jax.eval.features import FeatureExtractor
-  from sfd_jax.eval.images import ArrayImages
+  from sfd_jax.data.images import ArrayImages
   from sfd_jax.eval.reference import write_reference
 
   class StandIn(nn.Module):

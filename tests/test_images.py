@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from sfd_jax.data import images
+from sfd_jax.errors import UserError
 
 
 def _photo(width, height, seed=0):
@@ -61,7 +62,7 @@ def test_flip_and_bad_inputs():
   np.testing.assert_array_equal(images.hflip(image)[:, 0], image[:, 2])
   with pytest.raises(ValueError, match="uint8 RGB"):
     images.adm_center_crop(np.zeros((8, 8), np.uint8), 4)
-  with pytest.raises(ValueError, match="crop 'middle'"):
+  with pytest.raises(UserError, match="crop 'middle'"):
     images.view({"image": image, "label": 0, "index": 0}, None, resolution=2, crop="middle")
 
 
@@ -104,15 +105,18 @@ def test_skip_unreadable_stands_in_the_next_image(folder):
 
 
 def test_bad_sources_name_the_fix(tmp_path):
-  with pytest.raises(FileNotFoundError, match="class folders"):
+  with pytest.raises(UserError, match="no images"):
     images.FolderImages(tmp_path)
-  with pytest.raises(FileNotFoundError, match="does not exist"):
+  (tmp_path / "loose.png").write_bytes(b"")
+  with pytest.raises(UserError, match="must hold class folders"):
+    images.open_source("folder", str(tmp_path))
+  with pytest.raises(UserError, match="does not exist"):
     images.FolderImages(tmp_path / "missing")
-  with pytest.raises(ValueError, match="not one of"):
+  with pytest.raises(UserError, match="not one of"):
     images.open_source("imagenet")
-  with pytest.raises(FileNotFoundError, match="tfds build"):
+  with pytest.raises(UserError, match="tfds build"):
     images.TfdsImages("no_such_dataset_xyz", data_dir=str(tmp_path))
-  with pytest.raises(ValueError, match="hold out"):
+  with pytest.raises(UserError, match="hold out"):
     images.heldout_split(10, 10)
 
 
@@ -145,7 +149,7 @@ def test_tfds_source_without_tensorflow(tmp_path):
   record = source[2]
   assert record["label"] == 0 and record["index"] == 2
   np.testing.assert_array_equal(record["image"], np.asarray(_photo(56, 32, 2)))
-  with pytest.raises(images.UnreadableImage, match="tiny_images/train\\[1\\]"):
+  with pytest.raises(images.UnreadableImage, match="tfds:tiny_images:train\\[1\\]"):
     source[1]
   json.dumps(source.describe())
 

@@ -1,9 +1,11 @@
-"""Image sources and the ADM crops: what extraction and SemVAE training read.
+"""Image sources and the ADM crops: what extraction, SemVAE training and evaluation read.
 
 A source is a random-access sequence of records `{"image": uint8 (H, W, 3) RGB, "label": int, "index": int}` at
-the image's own size: a prepared tfds dataset read with `tfds.data_source` (no TensorFlow), ImageNet-style class
-folders, or scikit-learn's 8×8 digits upscaled (the demo's embedded data set). A record that cannot be decoded
-raises `UnreadableImage`, so a caller can skip and list it instead of crashing.
+the image's own size, with `len`, a `name` and `where(i)` for messages, and `describe()` for provenance: a prepared tfds dataset
+read with `tfds.data_source` (no TensorFlow), a folder of images (ImageNet-style class folders give labels),
+an ADM `.npz` batch (streamed), an array, or scikit-learn's 8×8 digits upscaled (the demo's embedded data set).
+`Subset` and `CenterCropped` wrap a source. A record that cannot be decoded raises `UnreadableImage`, so a
+caller can skip and list it (extraction, training) or stop naming it (evaluation).
 
 The crops are ADM's (guided-diffusion `image_datasets.py`), with PIL exactly as ADM calls it: halve with a box
 filter while the short side is at least twice the target, bicubic-resize the short side to the target, then cut
@@ -13,11 +15,12 @@ square after resizing the short side to a random size (`adm_random_crop`, the au
 from __future__ import annotations
 
 import hashlib
-
 import io
 import logging
 import math
 import os
+import threading
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from sfd_jax.data import latents as latents_lib
+from sfd_jax.errors import UserError
 
 # torchvision's ImageFolder extensions (lower case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -92,41 +96,48 @@ def _decode(data, index: int, where: str) -> np.ndarray:
 
 
 class FolderImages:
-  """ImageNet-style class folders: `root/<class>/<image>`; sorted folder names are the labels 0, 1, ...
-
-  Images are ordered by (class, file name), so an index names the same image on every host and every run.
-  """
+  """Image files under `root`, found recursively and ordered by their relative path (the same order on every
+  host and every run). In ImageNet-style class folders (`root/<class>/<image>`) the sorted first-level folder
+  names are the labels 0, 1, ...; an image directly under `root` (e.g. a folder of samples) has label -1."""
 
   def __init__(self, root):
-    self.root = Path(root)
+    self.root, self.name = Path(root), str(root)
     if not self.root.is_dir():
-      raise FileNotFoundError(f"image folder {self.root} does not exist; pass a directory of class folders "
-                              "(root/<class>/<image>)")
-    self.class_names = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
-    self.files, self.labels = [], []
-    for label, name in enumerate(self.class_names):
-      files = sorted(e.name for e in os.scandir(self.root / name)
-                     if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
-      self.files += [f"{name}/{f}" for f in files]
-      self.labels += [label] * len(files)
+      raise UserError(f"image folder {self.root} does not exist; pass a directory of images (or of class folders "
+                      "root/<class>/<image>)")
+    files = [Path(dirpath, name).relative_to(self.root).as_posix() for dirpath, _, names in os.walk(self.root)
+             for name in names if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")]
+    self.files = sorted(files, key=lambda f: f.split("/"))
     if not self.files:
-      raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders under {self.root}; "
-                              "the layout is root/<class>/<image>")
+      raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
+    self.class_names = sorted(e.name for e in os.scandir(self.root) if e.is_dir())  # as torchvision's ImageFolder
+    classes = {name: i for i, name in enumerate(self.class_names)}
+    self.labels = [classes[f.split("/")[0]] if "/" in f else -1 for f in self.files]
 
   def __len__(self):
     return len(self.files)
 
+  def where(self, index) -> str:
+    return str(self.root / self.files[int(index)])
+
   def __getitem__(self, index):
     index = int(index)
-    image = _decode(self.root / self.files[index], index, str(self.root / self.files[index]))
-    return {"image": image, "label": self.labels[index], "index": index}
+    return {"image": _decode(self.root / self.files[index], index, self.where(index)), "label": self.labels[index],
+            "index": index}
 
   def describe(self) -> dict:
     return {"source": "folder", "path": str(self.root.absolute()), "num_images": len(self),
             "class_names": self.class_names}
 
 
-class TfdsImages:
+class _Named:
+  """`where(i)`: how messages name image i of a source without files of its own."""
+
+  def where(self, index) -> str:
+    return f"{self.name}[{int(index)}]"
+
+
+class TfdsImages(_Named):
   """A split of a prepared tfds dataset (array_record format), read with `tfds.data_source`: no TensorFlow.
 
   The image bytes are decoded here, not by tfds, so a corrupt image raises `UnreadableImage` for its record only.
@@ -135,18 +146,18 @@ class TfdsImages:
   def __init__(self, name: str, split: str = "train", data_dir: str | None = None, image_key: str = "image",
                label_key: str = "label"):
     import tensorflow_datasets as tfds
-    self.name, self.split, self.data_dir = name, split, data_dir or None
+    self.tfds_name, self.split, self.data_dir = name, split, data_dir or None
+    self.name = f"tfds:{name}:{split}"
     self.image_key, self.label_key = image_key, label_key
     try:
       builder = tfds.builder(name, data_dir=self.data_dir)
       self._source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
     except Exception as e:  # tfds raises many types for a missing, unprepared or non-array_record dataset
-      raise FileNotFoundError(
-          f"cannot open the tfds dataset {name!r} split {split!r} in data_dir={data_dir!r} ({type(e).__name__}: "
-          f"{e}); prepare it in array_record format first (`tfds build {name} --file_format=array_record`) and "
-          "pass its data_dir") from e
+      raise UserError(f"cannot open the tfds dataset {name!r} split {split!r} in data_dir={data_dir!r} "
+                      f"({type(e).__name__}: {e}); prepare it in array_record format first (`tfds build {name} "
+                      "--file_format=array_record`) and pass its data_dir") from None
     label = builder.info.features[label_key] if label_key in builder.info.features else None
-    self.class_names = list(label.names) if getattr(label, "names", None) else None
+    self.class_names = list(label.names) if getattr(label, "names", None) else []
 
   def __len__(self):
     return len(self._source)
@@ -154,22 +165,23 @@ class TfdsImages:
   def __getitem__(self, index):
     index = int(index)
     record = self._source[index]
-    image = _decode(io.BytesIO(record[self.image_key]), index, f"tfds {self.name}/{self.split}[{index}]")
-    return {"image": image, "label": int(record[self.label_key]), "index": index}
+    image = _decode(io.BytesIO(record[self.image_key]), index, self.where(index))
+    label = int(record[self.label_key]) if self.label_key in record else -1
+    return {"image": image, "label": label, "index": index}
 
   def describe(self) -> dict:
-    return {"source": "tfds", "name": self.name, "split": self.split, "data_dir": self.data_dir,
+    return {"source": "tfds", "name": self.tfds_name, "split": self.split, "data_dir": self.data_dir,
             "num_images": len(self), "class_names": self.class_names}
 
 
-class DigitsImages:
+class DigitsImages(_Named):
   """scikit-learn's 1,797 8×8 handwritten digits (ten classes), grey levels 0–16 → uint8 RGB, bicubic-upscaled to
   `size` px: a small labelled image set that ships with the install, for the demo and tests."""
 
   def __init__(self, size: int = 256):
     from sklearn.datasets import load_digits
     digits = load_digits()
-    self.size = size
+    self.size, self.name = size, f"digits at {size} px"
     self._pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     self._labels = digits.target.astype(np.int64)
     self.class_names = [str(d) for d in range(10)]
@@ -186,19 +198,87 @@ class DigitsImages:
     return {"source": "digits", "size": self.size, "num_images": len(self), "class_names": self.class_names}
 
 
-def open_source(source: str, path: str = "", tfds_name: str = "imagenet2012", split: str = "train",
-                digits_size: int = 256):
-  """The image source a config or command line names: 'folder' (path = root of class folders), 'tfds'
-  (tfds_name, split, path = data_dir) or 'digits' (digits_size px)."""
-  if source == "folder":
-    if not path:
-      raise FileNotFoundError("the folder source needs a path: the root of the class folders (root/<class>/<image>)")
-    return FolderImages(path)
-  if source == "tfds":
-    return TfdsImages(tfds_name, split, path or None)
-  if source == "digits":
-    return DigitsImages(digits_size)
-  raise ValueError(f"image source {source!r} is not one of {SOURCES}")
+class ArrayImages(_Named):
+  """An in-memory uint8 (N, H, W, 3) array (labels -1 unless given)."""
+
+  def __init__(self, images, labels=None, name: str = "array"):
+    self.images = check_images(images, name)
+    self.labels = np.full(len(self.images), -1) if labels is None else np.asarray(labels, np.int64)
+    self.name = name
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, index):
+    return {"image": self.images[int(index)], "label": int(self.labels[int(index)]), "index": int(index)}
+
+  def describe(self) -> dict:
+    return {"source": "array", "num_images": len(self), "shape": list(self.images.shape[1:])}
+
+
+class NpzImages(_Named):
+  """The `arr_0` images (and `arr_1` labels, if stored) of an ADM-style `.npz` batch, streamed from the zip member:
+  a 50,000-image batch (9.8 GB at 256 px) is never held whole. Reading in increasing index order is one pass;
+  going back reopens the member."""
+
+  def __init__(self, path, key: str = "arr_0"):
+    self.path, self.name = Path(path), str(path)
+    self._member, self._lock = f"{key}.npy", threading.Lock()
+    try:
+      with zipfile.ZipFile(self.path) as zf:
+        if self._member not in zf.namelist():
+          raise UserError(f"{path} has no '{key}' array (it holds {sorted(zf.namelist())}); an ADM batch stores "
+                          f"its images as {key}")
+        labels = np.load(zf.open("arr_1.npy")) if "arr_1.npy" in zf.namelist() else None
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+      raise UserError(f"cannot read {path}: it is corrupt or not an .npz file ({e})") from None
+    self._open()
+    if self._fortran or self._dtype != np.uint8 or len(self._shape) != 4 or self._shape[-1] != 3:
+      self.close()
+      raise UserError(f"{path}: {key} is {self._dtype} {self._shape}{' (Fortran order)' if self._fortran else ''};"
+                      " the ADM format stores uint8 images (N, H, W, 3) in C order")
+    self.shape = tuple(self._shape[1:])
+    self._row_bytes = int(np.prod(self.shape))
+    ok = labels is not None and labels.shape == (self._shape[0],)
+    self.labels = labels.astype(np.int64) if ok else np.full(self._shape[0], -1)
+
+  def _open(self):
+    self._zip = zipfile.ZipFile(self.path)
+    self._stream = self._zip.open(self._member)
+    version = np.lib.format.read_magic(self._stream)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read_header:
+      raise UserError(f"{self.path}: unsupported .npy format version {version} for {self._member}")
+    self._shape, self._fortran, self._dtype = read_header[version](self._stream)
+    self._next = 0
+
+  def close(self):
+    self._stream.close()
+    self._zip.close()
+
+  def __len__(self):
+    return self._shape[0]
+
+  def _read_rows(self, count: int) -> bytes:
+    data = self._stream.read(count * self._row_bytes)
+    if len(data) != count * self._row_bytes:
+      raise UserError(f"{self.path}: {self._member} ends early at row {self._next}; the file is truncated")
+    self._next += count
+    return data
+
+  def __getitem__(self, index):
+    index = int(index)
+    with self._lock:
+      if index < self._next:
+        self.close()
+        self._open()
+      while self._next < index:  # skip forward in bounded reads
+        self._read_rows(min(index - self._next, 64))
+      image = np.frombuffer(self._read_rows(1), np.uint8).reshape(self.shape)
+    return {"image": image, "label": int(self.labels[index]), "index": index}
+
+  def describe(self) -> dict:
+    return {"source": "npz", "path": str(self.path.absolute()), "num_images": len(self)}
 
 
 class Subset:
@@ -206,9 +286,13 @@ class Subset:
 
   def __init__(self, source, indices: Sequence[int]):
     self.source, self.indices = source, np.asarray(indices, np.int64)
+    self.name = f"{source.name}[{len(self.indices)} images]"
 
   def __len__(self):
     return len(self.indices)
+
+  def where(self, i) -> str:
+    return self.source.where(int(self.indices[int(i)]))
 
   def __getitem__(self, i):
     return self.source[int(self.indices[int(i)])]
@@ -218,10 +302,134 @@ class Subset:
         self.indices.tobytes()).hexdigest()}
 
 
+class CenterCropped:
+  """The records of `source` with their images ADM-centre-cropped to `size` (sources of mixed sizes made alike)."""
+
+  def __init__(self, source, size: int):
+    self.source, self.size = source, size
+    self.name = f"{source.name} (centre crop {size})"
+
+  def __len__(self):
+    return len(self.source)
+
+  def where(self, index) -> str:
+    return self.source.where(index)
+
+  def __getitem__(self, index):
+    record = self.source[index]
+    return {**record, "image": adm_center_crop(record["image"], self.size)}
+
+  def describe(self) -> dict:
+    return {**self.source.describe(), "crop": f"ADM centre crop {self.size}"}
+
+
+def open_source(source: str, path: str = "", tfds_name: str = "imagenet2012", split: str = "train",
+                digits_size: int = 256):
+  """The labelled image source a config or command line names: 'folder' (path = root of class folders), 'tfds'
+  (tfds_name, split, path = data_dir) or 'digits' (digits_size px)."""
+  if source == "folder":
+    if not path:
+      raise UserError("the folder source needs a path: the root of the class folders (root/<class>/<image>)")
+    images = FolderImages(path)
+    if not images.class_names or min(images.labels) < 0:
+      raise UserError(f"{path} must hold class folders with the images in them (root/<class>/<image>): the "
+                      "folder names are the labels")
+    return images
+  if source == "tfds":
+    return TfdsImages(tfds_name, split, path or None)
+  if source == "digits":
+    return DigitsImages(digits_size)
+  raise UserError(f"image source {source!r} is not one of {SOURCES}")
+
+
+_FORMS = "an ADM .npz batch (arr_0: uint8 N×H×W×3), a folder of images, or tfds:NAME[:SPLIT]"
+
+
+def open_images(spec, image_size: int | None = None, tfds_data_dir=None):
+  """The source a command line names: an `.npz` batch, a folder, or `tfds:NAME[:SPLIT]` (also an array, or a source
+  as is); `image_size` centre-crops folder and tfds images (an `.npz` batch must already have that size)."""
+  if hasattr(spec, "__getitem__") and hasattr(spec, "describe"):
+    return spec
+  if isinstance(spec, np.ndarray):
+    return ArrayImages(spec)
+  spec = str(spec)
+  if spec.startswith("tfds:"):
+    name, _, split = spec[len("tfds:"):].partition(":")
+    source = TfdsImages(name, split or "train", tfds_data_dir)
+  elif Path(spec).is_dir():
+    source = FolderImages(spec)
+  elif not Path(spec).exists():
+    raise UserError(f"{spec} does not exist; give {_FORMS}")
+  elif spec.endswith(".npz"):
+    source = NpzImages(spec)
+    if image_size and source.shape[:2] != (image_size, image_size):
+      raise UserError(f"{spec} holds {source.shape[1]}×{source.shape[0]} images, not {image_size}×{image_size};"
+                      " .npz batches are used as they are")
+    return source
+  else:
+    raise UserError(f"{spec} is neither a folder nor an .npz file; give {_FORMS}")
+  return CenterCropped(source, image_size) if image_size else source
+
+
+def check_images(images, what: str) -> np.ndarray:
+  images = np.asarray(images)
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+    raise UserError(f"{what}: expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}; convert "
+                    "samples with clip(127.5·x + 128, 0, 255).astype(uint8) in NHWC")
+  return images
+
+
+def read_images(source, indices, shape=None) -> np.ndarray:
+  """The images of `source` at `indices` as one uint8 (n, H, W, 3) array; every image must have the shape of the
+  first (or `shape`), and an unreadable image is an error naming it (evaluation cannot skip images)."""
+  images = []
+  for i in indices:
+    try:
+      image = np.asarray(source[int(i)]["image"])
+    except UnreadableImage as e:
+      raise UserError(f"{e}; replace or remove it") from None
+    shape = shape or image.shape
+    if image.shape != tuple(shape):
+      raise UserError(f"image {int(i)} of {source.name} is {image.shape[1]}×{image.shape[0]}, the first is "
+                      f"{shape[1]}×{shape[0]}; pass an image size to centre-crop them all alike")
+    images.append(image)
+  return np.stack(images) if images else np.zeros((0, *(shape or (0, 0, 3))), np.uint8)
+
+
+def image_shape(source) -> tuple:
+  """(H, W, 3) of the first image (what a fixed-shape consumer of the whole source expects)."""
+  return tuple(read_images(source, [0]).shape[1:])
+
+
+def _hash_files(paths) -> str:
+  h = hashlib.sha256()
+  for name, path in paths:
+    if name is not None:
+      h.update(str(name).encode() + b"\0")
+    with open(path, "rb") as stream:
+      while block := stream.read(1 << 24):
+        h.update(block)
+  return h.hexdigest()
+
+
+def digest(item) -> str | None:
+  """SHA-256 of an input: a file's bytes, an array's bytes, a folder's image files (relative names and bytes, in
+  order). None for tfds splits, subsets and crops, which are named rather than hashed."""
+  if isinstance(item, ArrayImages):
+    return hashlib.sha256(np.ascontiguousarray(item.images).tobytes()).hexdigest()
+  if isinstance(item, FolderImages):
+    return _hash_files((f, item.root / f) for f in item.files)
+  if isinstance(item, NpzImages):
+    return _hash_files([(None, item.path)])
+  if isinstance(item, (TfdsImages, Subset, CenterCropped, DigitsImages)):
+    return None
+  return _hash_files([(None, Path(item))])
+
+
 def heldout_split(num_images: int, heldout: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """(train, held-out) sorted indices: `heldout` images drawn at random (seeded), the rest for training."""
   if not 0 <= heldout < num_images:
-    raise ValueError(f"cannot hold out {heldout} of {num_images} images; hold out fewer (data.heldout_images)")
+    raise UserError(f"cannot hold out {heldout} of {num_images} images; hold out fewer (data.heldout_images)")
   order = np.random.default_rng(seed).permutation(num_images)
   return np.sort(order[heldout:]), np.sort(order[:heldout])
 
@@ -265,7 +473,7 @@ def view(record: Mapping, rng: np.random.Generator | None, *, resolution: int, c
     if flip and rng.random() < 0.5:
       image = hflip(image)
   else:
-    raise ValueError(f"crop {crop!r} is not one of ('center', 'random')")
+    raise UserError(f"crop {crop!r} is not one of ('center', 'random')")
   return {"image": image, "label": np.int32(record["label"]), "index": np.int64(record["index"])}
 
 
@@ -280,7 +488,7 @@ def image_pipeline(source, *, global_batch_size: int, seed: int, resolution: int
   do not depend on the number of hosts; `num_epochs=None` repeats forever.
   """
   if crop not in ("center", "random"):
-    raise ValueError(f"crop {crop!r} is not one of ('center', 'random')")
+    raise UserError(f"crop {crop!r} is not one of ('center', 'random')")
   flat = grain.MapDataset.source(SkipUnreadable(source)).seed(seed)
   if shuffle:
     flat = flat.shuffle()

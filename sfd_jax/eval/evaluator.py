@@ -8,9 +8,9 @@ TensorFlow graph on this machine (0 for an exact reproduction).
 """
 from __future__ import annotations
 
+from sfd_jax.data.images import digest, image_shape, open_images
 from sfd_jax.eval.features import FeatureExtractor
 from sfd_jax.eval.fid import frechet_distance, statistics
-from sfd_jax.eval.images import digest, open_images
 from sfd_jax.eval.inception_score import SPLIT_SIZE, inception_score
 from sfd_jax.eval.precision_recall import BATCH, precision_recall
 from sfd_jax.eval.reference import ReferenceBatch, read_reference
@@ -43,7 +43,7 @@ def evaluate(ref, samples, extractor: FeatureExtractor, *, k: int = 3, split_siz
             "num_reference_images": len(ref_acts) if ref_acts is not None else 0,
             "reference_statistics": "file" if reference.stats is not None else "computed from arr_0",
             "settings": {"fid_method": fid_method, "inception_score_split_size": split_size, "precision_recall_k": k,
-                         "precision_recall_batch": pr_batch, "sample_shape": list(sample_source.shape)}}
+                         "precision_recall_batch": pr_batch, "sample_shape": list(image_shape(sample_source))}}
   if check_reference and ref_acts is not None and reference.stats is not None:
     report["reference_check"] = {
         "fid": fid(statistics(ref_acts.pool), reference.stats),

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from sfd_jax.data.images import image_shape, read_images
+from sfd_jax.errors import UserError
 from sfd_jax.models.inception import InceptionV3
 from sfd_jax.sharding import batch_sharding, check_batch_size, host_rows, make_mesh, replicated, shard_batch, to_host
 
@@ -38,7 +40,7 @@ def _features(model: InceptionV3, variables, pixels):
 
 
 class FeatureExtractor:
-  """Callable: image source (see `sfd_jax.eval.images`) → `Activations`, with a progress bar on process 0."""
+  """Callable: image source (see `sfd_jax.data.images`) → `Activations`, with a progress bar on process 0."""
 
   def __init__(self, model: InceptionV3, variables, mesh=None, per_device_batch: int = 32):
     self.mesh = mesh if mesh is not None else make_mesh()
@@ -47,21 +49,21 @@ class FeatureExtractor:
     self.variables = jax.device_put(variables, replicated(self.mesh))
     self._apply = jax.jit(functools.partial(_features, model), out_shardings=batch_sharding(self.mesh, 2))
 
-  def _local_batch(self, source, start: int) -> np.ndarray:
+  def _local_batch(self, source, start: int, shape) -> np.ndarray:
     rows = host_rows(self.mesh, self.batch_size)
-    images = source.read(np.arange(start + rows.start, min(start + rows.stop, len(source))))
-    padded = np.zeros((self.local_batch, *source.shape), np.uint8)
+    images = read_images(source, range(start + rows.start, min(start + rows.stop, len(source))), shape)
+    padded = np.zeros((self.local_batch, *shape), np.uint8)
     padded[:len(images)] = images
     return padded
 
   def __call__(self, source, desc: str = "Inception features") -> Activations:
     n = len(source)
     if n == 0:
-      raise ValueError(f"{getattr(source, 'name', 'the image source')} holds no images")
-    chunks, pending = [], None
+      raise UserError(f"{getattr(source, 'name', 'the image source')} holds no images")
+    chunks, pending, shape = [], None, image_shape(source)
     with tqdm(total=n, desc=desc, unit="img", disable=jax.process_index() != 0) as bar:
       for start in range(0, n, self.batch_size):
-        result = self._apply(self.variables, shard_batch(self.mesh, self._local_batch(source, start)))
+        result = self._apply(self.variables, shard_batch(self.mesh, self._local_batch(source, start, shape)))
         if pending is not None:
           chunks.append(self._collect(*pending, bar))
         pending = (result, min(self.batch_size, n - start))

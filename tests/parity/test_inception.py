@@ -17,7 +17,7 @@ from sfd_jax.convert.inception import (FID_WEIGHTS_NAME, inception_from_state_di
                                        load_inception)
 from sfd_jax.convert.io import ConversionError
 from sfd_jax.eval.features import FeatureExtractor
-from sfd_jax.eval.images import ArrayImages
+from sfd_jax.data.images import ArrayImages
 from sfd_jax.models.inception import resize_tf1_bilinear
 
 TOL = 1e-4
