@@ -25,11 +25,13 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from sfd_jax import sharding
+from sfd_jax.console import say
 from sfd_jax.convert import export
 from sfd_jax.convert.dit import load_dit, official_sfd_kwargs
 from sfd_jax.convert.io import load_state_dict, select_state_dict
-from sfd_jax.data import extract as extract_lib
+from sfd_jax.data import extract as extract_lib, latents as latents_lib
 from sfd_jax.diffusion import sampler
+from sfd_jax.errors import UserError
 from sfd_jax.models.texture_vae import denormalize_texture, to_uint8
 
 DEMO_CLASSES = (106, 22, 279, 975, 388, 15, 36, 979)  # the official demo labels
@@ -43,6 +45,7 @@ class Settings:
   vae: str
   stats: str
   out: str
+  step: int | None = None              # a training workdir's checkpoint (default: the newest complete one)
   preset: str = "XL"
   model_kwargs: dict | None = None
   guide_model: str | None = None
@@ -51,7 +54,7 @@ class Settings:
   num_images: int = 50_000
   batch_size: int = 64
   seed: int = 0
-  labels: str = "balanced"
+  labels: str | None = None            # default: 'balanced'; with demo, classes that fit the model
   fid_num: int | None = None
   method: str = "dopri5"
   num_steps: int = 250
@@ -69,7 +72,6 @@ class Settings:
   dtype: str = "float32"
   demo: bool = False
   npz: bool = True
-  trust_pickle: bool = False
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -77,7 +79,7 @@ class Settings:
 
 
 def load_diffusion_model(path, preset: str = "XL", model_kwargs: dict | None = None, dtype=jnp.float32,
-                         trust_pickle: bool = False):
+                         step: int | None = None):
   """(model, variables, official kwargs or {}) of a DiT: an exported directory, a training workdir (EMA weights of
   its newest checkpoint), or an official weight file.
 
@@ -89,49 +91,56 @@ def load_diffusion_model(path, preset: str = "XL", model_kwargs: dict | None = N
     model, variables, meta = export.load_model(path, dtype=dtype)
     return model, variables, meta.get("official_kwargs", {})
   if (path / "checkpoints").is_dir():
-    return load_training_run(path, dtype)
+    return load_training_run(path, dtype, step)
   if path.is_dir() or path.suffix.lower() not in OFFICIAL_SUFFIXES:
-    raise FileNotFoundError(f"{path} is neither an exported model directory (with model.json) nor an official "
-                            f"weight file ({', '.join(OFFICIAL_SUFFIXES)}); export one with "
-                            "`python -m sfd_jax.cli.convert --kind=dit`")
+    raise UserError(f"{path} is neither an exported model directory (with model.json) nor an official "
+                    f"weight file ({', '.join(OFFICIAL_SUFFIXES)}); export one with "
+                    "`python -m sfd_jax.cli.convert --kind=dit`")
   kwargs = model_kwargs or official_sfd_kwargs(preset)
-  weights = select_state_dict(load_state_dict(path, trust_pickle=trust_pickle))
+  weights = select_state_dict(load_state_dict(path))
   weights = {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in weights.items()}
   model, variables = load_dit(kwargs, weights, dtype=dtype)
   return model, variables, kwargs
 
 
 def load_training_run(workdir, dtype=jnp.float32, step: int | None = None):
-  """(model, EMA variables, official-style kwargs) of a training run: its newest (or `step`) checkpoint."""
+  """(model, EMA variables, official-style kwargs) of a training run: checkpoint `step`, or the newest one that
+  reads (a truncated newest checkpoint, e.g. of a killed run, is passed over with a warning)."""
   from ml_collections import ConfigDict
 
   from sfd_jax.training import checkpoint as ckpt_lib, config as config_lib
   checkpointer = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints")
-  step = checkpointer.existing_step(step)
-  cfg = ConfigDict(checkpointer.config(step))
-  model = config_lib.build_model(cfg.model).clone(dtype=dtype)
-  params = checkpointer.model_params(model, step)
-  checkpointer.close()
-  return model, {"params": params}, {"semfirst_delta_t": cfg.loss.delta_t,
-                                      "semantic_chans": cfg.loss.semantic_channels}
+  try:
+    def model_of(config):
+      return config_lib.build_model(ConfigDict(config).model).clone(dtype=dtype)
+    step, config, params = checkpointer.readable_params(model_of, step)
+  finally:
+    checkpointer.close()
+  loss = ConfigDict(config).loss
+  say(f"model: EMA weights of step {step} of {workdir}")
+  return model_of(config), {"params": params}, {"semfirst_delta_t": loss.delta_t,
+                                                "semantic_chans": loss.semantic_channels}
 
 
-def load_texture_stats(path, trust_pickle: bool = False):
-  """(mean, std) of the texture latents, one value per channel, from a stats.json or an official stats .pt."""
+def load_texture_stats(path):
+  """(mean, std) of the texture latents, one value per channel, from a latent dataset directory, its stats.json,
+  or an official stats .pt."""
   path = Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"latent stats {path} do not exist; pass the stats.json of the latent dataset "
-                            "or the official latents_stats.pt")
+    raise UserError(f"latent stats {path} do not exist; pass the latent dataset directory, its stats.json, "
+                    "or the official latents_stats.pt")
+  if path.is_dir():
+    path = latents_lib.find_dataset(path) / "stats.json"
   if path.suffix == ".json":
     stats = json.loads(path.read_text())
     if "texture" not in stats:
-      raise ValueError(f"{path} has no 'texture' stats (keys: {sorted(stats)}); make it with "
-                       "`python -m sfd_jax.cli.convert --kind=stats`")
+      raise UserError(f"{path} has no 'texture' stats (keys: {sorted(stats)}); make it with "
+                      "`python -m sfd_jax.cli.convert --kind=stats`")
     stats = stats["texture"]
   else:
-    stats = load_state_dict(path, trust_pickle=trust_pickle)
+    stats = load_state_dict(path)
   if "mean" not in stats or "std" not in stats:
-    raise ValueError(f"{path} must hold the texture 'mean' and 'std', found {sorted(stats)}")
+    raise UserError(f"{path} must hold the texture 'mean' and 'std', found {sorted(stats)}")
   return (np.asarray(stats["mean"], np.float32).reshape(-1), np.asarray(stats["std"], np.float32).reshape(-1))
 
 
@@ -139,16 +148,21 @@ def load_texture_stats(path, trust_pickle: bool = False):
 # Labels and the jitted generator.
 
 
-def parse_labels(spec: str, num_classes: int):
-  """'random', 'balanced', or a comma list of class ids (image i gets entry i mod length)."""
+def parse_labels(spec: str | None, num_classes: int, demo: bool = False):
+  """'random', 'balanced', or a comma list of class ids (image i gets entry i mod length). None is 'balanced', or
+  for a demo grid the official demo classes (ImageNet models) or 0, 1, ... (models of other datasets)."""
+  if spec is None:
+    if not demo:
+      return "balanced"
+    return DEMO_CLASSES if num_classes == 1000 else tuple(range(num_classes))
   if spec in ("random", "balanced"):
     return spec
   try:
     labels = tuple(int(v) for v in spec.split(","))
-  except ValueError as e:
-    raise ValueError(f"--labels={spec!r}: use 'random', 'balanced' or comma-separated class ids") from e
+  except ValueError:
+    raise UserError(f"--labels={spec!r}: use 'random', 'balanced' or comma-separated class ids") from None
   if not all(0 <= c < num_classes for c in labels):
-    raise ValueError(f"--labels={spec!r}: class ids must lie in [0, {num_classes})")
+    raise UserError(f"--labels={spec!r}: class ids must lie in [0, {num_classes}) for this model")
   return labels
 
 
@@ -171,7 +185,7 @@ def make_generator(s: Settings, model, vae, guide_model, delta_t: float, semanti
                    fid_num: int):
   """jit(params…, indices) → (uint8 images, labels, model calls): noise → ODE → texture → decode."""
   noise_key, label_key = run_keys(s.seed)
-  labels = parse_labels(s.labels, model.num_classes)
+  labels = parse_labels(s.labels, model.num_classes, s.demo)
   latent_shape = (model.input_size, model.input_size, model.in_channels)
 
   def generate(dit_vars, guide_vars, vae_vars, mean, std, indices):
@@ -211,8 +225,8 @@ def pending_indices(out: Path, num_images: int) -> np.ndarray:
 
 def write_png(path: Path, image: np.ndarray):
   """Writes atomically (temporary file, then rename), so a killed run never leaves a truncated PNG behind."""
-  tmp = path.with_suffix(".tmp.png")
-  Image.fromarray(image).save(tmp)
+  tmp = path.with_name(f".{path.name}.tmp")  # hidden and without an image suffix: no image reader picks it up
+  Image.fromarray(image).save(tmp, format="PNG")
   os.replace(tmp, path)
 
 
@@ -228,16 +242,19 @@ def write_npz(path: Path, out: Path, num_images: int, labels: np.ndarray):
       for i in range(num_images):
         image = np.asarray(Image.open(png_path(out, i)).convert("RGB"))
         if image.shape != first.shape:
-          raise ValueError(f"{png_path(out, i)} is {image.shape}, image 0 is {first.shape}: the output directory "
-                           "mixes runs of different resolutions; use a fresh --out")
+          raise UserError(f"{png_path(out, i)} is {image.shape}, image 0 is {first.shape}: the output directory "
+                          "mixes runs of different resolutions; use a fresh --out")
         f.write(image.tobytes())
     with zf.open("arr_1.npy", "w") as f:
       np.lib.format.write_array(f, labels.astype(np.int64))
   os.replace(tmp, path)
 
 
-def demo_grid(images: np.ndarray, labels: np.ndarray, columns: int) -> Image.Image:
-  """Images in rows of `columns`, each with its class id written underneath."""
+def demo_grid(images: np.ndarray, labels: np.ndarray, columns: int, min_width: int = 64) -> Image.Image:
+  """Images in rows of `columns`, each with its class id written underneath; images narrower than `min_width`
+  are enlarged (nearest neighbour, an integer factor) so that the captions fit."""
+  scale = -(-min_width // images.shape[2])
+  images = images.repeat(scale, axis=1).repeat(scale, axis=2) if scale > 1 else images
   n, h, w, _ = images.shape
   rows, caption = -(-n // columns), 14
   grid = Image.new("RGB", (columns * w, rows * (h + caption)), "white")
@@ -266,14 +283,13 @@ def run(s: Settings) -> Path:
   """Generates the images of `s` (skipping those already written) and returns the output directory."""
   out = Path(s.out)
   dtype = jnp.dtype(s.dtype)
-  model, dit_vars, official = load_diffusion_model(s.model, s.preset, s.model_kwargs, dtype, s.trust_pickle)
+  model, dit_vars, official = load_diffusion_model(s.model, s.preset, s.model_kwargs, dtype, s.step)
   guide_model, guide_vars = None, None
   if s.guide_model:
-    guide_model, guide_vars, _ = load_diffusion_model(s.guide_model, s.guide_preset, s.guide_model_kwargs, dtype,
-                                                      s.trust_pickle)
-  vae = extract_lib.load_encoder("texture", s.vae, dtype=s.dtype, trust_pickle=s.trust_pickle)
+    guide_model, guide_vars, _ = load_diffusion_model(s.guide_model, s.guide_preset, s.guide_model_kwargs, dtype)
+  vae = extract_lib.load_encoder("texture", s.vae, dtype=s.dtype)
   vae, vae_vars = vae.model, vae.variables
-  mean, std = load_texture_stats(s.stats, s.trust_pickle)
+  mean, std = load_texture_stats(s.stats)
   delta_t = s.delta_t if s.delta_t is not None else float(
       official.get("semfirst_delta_t", 0.3 if model.dual_timestep else 0.0))
   semantic_channels = int(official.get("semantic_chans", 16))
@@ -296,7 +312,8 @@ def run(s: Settings) -> Path:
       labels.append(sharding.to_host(ys))
     if jax.process_index() == 0:
       out.mkdir(parents=True, exist_ok=True)
-      columns = min(len(indices), 8)
+      classes = parse_labels(s.labels, model.num_classes, demo=True)
+      columns = min(len(indices), len(classes) if isinstance(classes, tuple) and len(classes) <= 16 else 8)
       demo_grid(np.concatenate(images)[:len(indices)], np.concatenate(labels)[:len(indices)], columns).save(
           out / "demo.png")
     return out
@@ -304,6 +321,8 @@ def run(s: Settings) -> Path:
   (out / "images").mkdir(parents=True, exist_ok=True)
   pending = pending_indices(out, s.num_images)
   multihost_utils.sync_global_devices("sfd_sample: pending listed")
+  say(f"sampling {len(pending)} of {s.num_images} images ({s.num_images - len(pending)} already in {out / 'images'}) "
+      f"in batches of {s.batch_size} on {jax.device_count()} devices")
   bar = tqdm(total=len(pending), unit="img", disable=jax.process_index() != 0 or not len(pending))
   for start in range(0, len(pending), s.batch_size):
     chunk = pending[start:start + s.batch_size]

@@ -14,6 +14,7 @@ from PIL import Image
 from sfd_jax import sharding as shd
 from sfd_jax.convert import export
 from sfd_jax.data import extract, images, latents
+from sfd_jax.errors import UserError
 from sfd_jax.models.dinov2 import DINOv2, repa_features
 from sfd_jax.models.semvae import SemVAE
 from sfd_jax.models.texture_vae import AutoencoderKL
@@ -119,7 +120,7 @@ def test_meta_lists_skipped_images_and_encoders(folder, encoders, dataset):
   out, result = dataset
   meta = json.loads((latents.find_dataset(out) / "meta.json").read_text())
   assert [s["index"] for s in meta["skipped"]] == [BROKEN] == [s["index"] for s in result["skipped"]]
-  assert meta["skipped"][0]["reason"]
+  assert meta["skipped"][0]["reason"] and meta["skipped"][0]["file"] == str(folder / "b" / "03_broken.png")
   assert meta["source"]["class_names"] == ["a", "b"] and meta["num_images"] == 9 and meta["num_records"] == 8
   assert {k: v["sha256"] for k, v in meta["encoders"].items()} == {k: e.info["sha256"] for k, e in encoders.items()}
   assert meta["texture_latent"] == "sample" and meta["record"]["dino_dtype"] == "float16"
@@ -175,18 +176,18 @@ def test_resume_after_a_kill_gives_the_same_dataset(folder, encoders, dataset, t
 
 def test_encoders_that_do_not_fit_are_refused(encoders):
   wider = encoders["semvae"].model.clone(feature_dim=encoders["semvae"].model.feature_dim + 1)
-  with pytest.raises(ValueError, match="SemVAE reads .*-d features but DINOv2 gives"):
+  with pytest.raises(UserError, match="SemVAE reads .*-d features but DINOv2 gives"):
     extract.latent_layout(encoders["texture"], encoders["dino"], extract.Encoder(wider, {}, {}), 256)
   layout = extract.latent_layout(encoders["texture"], encoders["dino"], encoders["semvae"], 384)
   assert layout["dino_tokens"] == layout["latent_size"] ** 2  # the DINO tokens follow the latent grid
   other = _tiny_encoders(dino_seed=5)["dino"]
   semvae = extract.Encoder(encoders["semvae"].model, encoders["semvae"].variables,
                            {**encoders["semvae"].info, "trained_on": {"dino_sha256": other.info["sha256"]}})
-  with pytest.raises(ValueError, match="trained on features of DINOv2 weights"):
+  with pytest.raises(UserError, match="trained on features of DINOv2 weights"):
     extract.latent_layout(encoders["texture"], encoders["dino"], semvae, 256)
-  with pytest.raises(ValueError, match="multiple of this host's"):
+  with pytest.raises(UserError, match="multiple of this host's"):
     extract.extract(images.DigitsImages(), encoders, "/nonexistent", extract.Settings(batch_size=0))
-  with pytest.raises(FileNotFoundError, match="train_semvae"):
+  with pytest.raises(UserError, match="train_semvae"):
     extract.load_encoder("semvae", "/nonexistent/semvae")
 
 

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")  # the torch extra; only the Python 3.13 ti
 from safetensors.torch import save_file
 
 from sfd_jax.data import latents, official
+from sfd_jax.errors import UserError
 
 C_TEX, C_SEM, SIDE, DINO_DIM, DINO_SIDE = 4, 3, 2, 5, 3
 COUNTS = (3, 2)
@@ -104,7 +105,7 @@ def test_rerun_keeps_the_shards_and_other_settings_are_refused(official_dir, imp
 
 def test_bad_shards_name_the_cause(official_dir, tmp_path):
   root, shards = official_dir
-  with pytest.raises(FileNotFoundError, match="no .safetensors shards"):
+  with pytest.raises(UserError, match="no .safetensors shards"):
     official.import_official(tmp_path, tmp_path / "out")
   cases = {
       "missing": ({k: v for k, v in shards[0].items() if k != "latents_sv_flip"}, "has no latents_sv_flip"),

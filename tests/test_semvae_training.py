@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")  # the torch extra; only the Python 3.13 ti
 
 from sfd_jax import sharding as shd
 from sfd_jax.convert import export
+from sfd_jax.errors import UserError
 from sfd_jax.models.semvae import SemVAE
 from sfd_jax.training import loop, semvae, state as state_lib, step as step_lib
 from tests.golden import REPO
@@ -152,9 +153,9 @@ def test_short_run_evaluates_and_exports(tmp_path):
 
 
 def test_bad_settings_name_the_fix():
-  with pytest.raises(ValueError, match="fewer than one evaluation batch"):
+  with pytest.raises(UserError, match="fewer than one evaluation batch"):
     semvae.prepare(_smoke_config(heldout_images=4))
   cfg = _smoke_config()
   cfg.dino.random_init = False
-  with pytest.raises(FileNotFoundError, match="config.dino.path is empty"):
+  with pytest.raises(UserError, match="config.dino.path is empty"):
     semvae.prepare(cfg)

@@ -1,45 +1,93 @@
-"""What every entry point shares: bad input ends in one clear sentence, not a traceback."""
+"""What every command line shares: flag parsing, logging, cluster start-up, and how a run ends.
+
+`run(main)` replaces `app.run(main)`. A user error (`sfd_jax.errors.UserError`: a bad flag, config value or file)
+ends in one `error: ...` line and exit status 2; a preempted run exits 75 once its checkpoint is complete (run the
+same command again to resume); anything else is a bug in sfd_jax and keeps its traceback, with a one-line summary
+last (exit 1). The terminal shows stage lines, progress and results (`sfd_jax.console.say`) and warnings; library
+INFO logs go to `<run directory>/logs/<command>.log` unless `--verbosity` is given, which shows them as well.
+"""
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import re
 import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
 
 import jax
-from absl import flags
+from absl import app, flags, logging as absl_logging
 
-from sfd_jax.convert.io import ConversionError
-from sfd_jax.data.latents import DatasetError
-from sfd_jax.sharding import ShardingError
-from sfd_jax.training.loop import NonFiniteLossError
+from sfd_jax.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
 
 flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs outside a TPU pod.")
-flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
-flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).", lower_bound=1)
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).", lower_bound=0)
 
-# Errors that mean "the input is wrong" (their message says what to change); anything else is a bug and keeps
-# its traceback.
-USER_ERRORS = (ConversionError, ShardingError, DatasetError, NonFiniteLossError, FileNotFoundError, FileExistsError,
-               ValueError, KeyError)
+HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+DEFAULT_CACHE = Path.home() / ".cache" / "sfd_jax" / "xla"
+
+
+def run(main: Callable, *, log_dir: Callable[[], str | None] | None = None, distributed: bool = False) -> None:
+  """Runs an absl `main` as every sfd_jax command runs (see the module docstring).
+
+  `log_dir` returns the directory (from the parsed flags) whose `logs/` gets the library log, or None for none;
+  `distributed` starts jax.distributed on a multi-process cluster (for the commands every host runs).
+  """
+  def wrapped(argv):
+    try:
+      if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}: every input is a --flag (see --help)")
+      _quiet_terminal()
+      started = start_distributed() if distributed else None
+      _log_to_file(log_dir() if log_dir else None)
+      if started:
+        logging.info("%s", started)
+      _enable_compilation_cache()
+      return main(argv)
+    except UserError as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(EXIT_USER_ERROR)
+    except Preempted as e:
+      print(f"preempted: {e}", file=sys.stderr, flush=True)
+      sys.exit(EXIT_PREEMPTED)
+    except Exception as e:  # a bug: the traceback, then what happened in one line
+      traceback.print_exc()
+      summary = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+      print(f"error: {type(e).__name__}: {summary} (a bug in sfd_jax, not in your input: the traceback above shows "
+            "where; please report it)", file=sys.stderr, flush=True)
+      sys.exit(1)
+  app.run(wrapped, flags_parser=parse_flags)
 
 
 def parse_flags(argv):
-  """absl `flags_parser` for `app.run`: a bad flag or config override (e.g. a typo in --config.optim.lrr) ends
-  in one sentence naming it instead of a traceback."""
+  """absl `flags_parser`: a bad flag or config override (e.g. a typo in --config.optim.lrr) ends in one sentence
+  naming it; --help exits 0."""
   try:
     remaining = flags.FLAGS(argv)
+  except SystemExit as e:
+    sys.exit(0 if any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]) else e.code)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     message = str(e).strip().strip("'").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
     print(f"error: bad command line: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_USER_ERROR)
   for name, value in _url_values(flags.FLAGS):
     print(f"error: --{name}={value} is a URL; sfd_jax reads and writes filesystem paths: mount the bucket (e.g. "
-          f"`gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`, as launch/tpu_pod.sh does) and pass the mounted path",
-          file=sys.stderr)
-    sys.exit(2)
+          f"`gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) and pass the mounted path", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
   return remaining
+
+
+def json_flag(name: str):
+  """The parsed JSON value of flag `name` (None when unset); a value that is not JSON is a user error."""
+  import json
+  value = flags.FLAGS[name].value
+  if not value:
+    return None
+  try:
+    return json.loads(value)
+  except json.JSONDecodeError as e:
+    raise UserError(f"--{name} must be JSON (e.g. --{name}='{{\"depth\": 12}}'), got {value!r}: {e}") from None
 
 
 def _url_values(flag_values):
@@ -59,28 +107,39 @@ def _url_values(flag_values):
     yield from walk(name, flag_values[name].value)
 
 
-def user_errors_exit(main):
-  """Wraps an absl `main`: a user error prints `error: <message>` to stderr and exits with status 2."""
-  @functools.wraps(main)
-  def wrapped(argv):
-    try:
-      return main(argv)
-    except USER_ERRORS as e:
-      message = e.args[0] if isinstance(e, KeyError) and e.args else e
-      print(f"error: {message}", file=sys.stderr)
-      sys.exit(2)
-  return wrapped
-
-
-def start_process():
-  """Info-level logging, and jax.distributed for multi-process runs: from the --coordinator flags, or on a
-  multi-host TPU/cluster platform."""
-  logging.getLogger().setLevel(logging.INFO)
+def start_distributed() -> str:
+  """jax.distributed when JAX's own cluster detection finds several processes (a Cloud TPU VM slice, GKE,
+  multislice, SLURM, Open MPI) or --coordinator is given; a description of what was found."""
+  from sfd_jax import cluster
   f = flags.FLAGS
-  if f.coordinator:
-    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(f.coordinator, f.num_processes, f.process_id)
-  elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS")):
-    if os.environ.get("TPU_WORKER_HOSTNAMES", "localhost") != "localhost" or "SLURM_NTASKS" in os.environ:
-      jax.distributed.initialize()
+  return cluster.start(f.coordinator, f.num_processes, f.process_id)
+
+
+def _quiet_terminal() -> None:
+  """The terminal shows warnings and errors of the libraries, unless --verbosity was given; INFO still reaches the
+  log file."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.getLogger().setLevel(logging.INFO)
+    absl_logging.get_absl_handler().setLevel(logging.WARNING)
+
+
+def _log_to_file(directory) -> None:
+  """Library logs (INFO and up) to `<directory>/logs/<command>.log`, one file per process."""
+  if directory is None:
+    return
+  root = logging.getLogger()
+  command = Path(getattr(sys.modules["__main__"], "__file__", "sfd_jax")).stem
+  suffix = "" if jax.process_index() == 0 else f".process{jax.process_index()}"
+  path = Path(directory) / "logs" / f"{command}{suffix}.log"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  handler = logging.FileHandler(path)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(message)s"))
+  root.addHandler(handler)
+  logging.info("command line: %s", " ".join(sys.argv))
+
+
+def _enable_compilation_cache() -> None:
+  """XLA's persistent compilation cache (`$JAX_COMPILATION_CACHE_DIR`, default ~/.cache/sfd_jax/xla): the second
+  run of a command does not compile again."""
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", str(DEFAULT_CACHE))

@@ -4,7 +4,7 @@
   python -m sfd_jax.cli.convert --kind=dit --checkpoint=0070000.pt --preset=B --out=exports/autoguidance_b
   python -m sfd_jax.cli.convert --kind=texture_vae --checkpoint=ldm-imagenet256-f16d32-50ep.ckpt --out=exports/vae
   python -m sfd_jax.cli.convert --kind=dinov2 --checkpoint=dinov2_vitb14_reg4_pretrain.pth --out=exports/dinov2_b
-  python -m sfd_jax.cli.convert --kind=stats --checkpoint=latents_stats.pt --semantic_stats=latents_sv_stats.pt \
+  python -m sfd_jax.cli.convert --kind=stats --checkpoint=latents_stats.pt --semantic_stats=latents_sv_stats.pt \\
       --out=stats.json
   python -m sfd_jax.cli.convert --kind=dit --to_torch --checkpoint=exports/sfd_xl --out=sfd_xl.pt
 
@@ -19,9 +19,9 @@ import json
 import logging
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from sfd_jax.cli.common import parse_flags, user_errors_exit
+from sfd_jax.cli import common
 from sfd_jax.convert.files import convert_to_flax, convert_to_torch
 
 KINDS = ("dit", "texture_vae", "dinov2", "stats")
@@ -39,7 +39,6 @@ flags.DEFINE_enum("which", "ema", ("ema", "model"), "DiT: which weights of a tra
 flags.mark_flags_as_required(["kind", "checkpoint", "out"])
 
 
-@user_errors_exit
 def main(argv):
   del argv
   reports = logging.getLogger("sfd_jax.convert")  # what reading a file skipped, one line per file
@@ -55,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  common.run(main)

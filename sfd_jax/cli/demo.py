@@ -6,22 +6,20 @@ Run it again to resume; `--quick` trains every stage briefly (the CI check).
 """
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags
 
 from sfd_jax import demo
-from sfd_jax.cli.common import parse_flags, user_errors_exit
+from sfd_jax.cli import common
 
 flags.DEFINE_bool("quick", False, "Train every stage briefly (about 3 minutes on 2 CPU cores).")
 flags.DEFINE_string("out", "outputs/demo", "Where every stage writes (kept: a rerun resumes).")
 FLAGS = flags.FLAGS
 
 
-@user_errors_exit
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # stages, progress and results; no library info logs
   demo.run(FLAGS.out, FLAGS.quick)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  common.run(main, log_dir=lambda: FLAGS.out)

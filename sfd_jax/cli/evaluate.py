@@ -17,13 +17,15 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from sfd_jax.cli.common import user_errors_exit
+from sfd_jax.cli import common
+from sfd_jax.console import say
 from sfd_jax.convert.inception import FID_WEIGHTS_SHA256_PREFIX, default_inception_path, load_inception
+from sfd_jax.data.images import Subset, digest, image_shape, open_images
+from sfd_jax.errors import UserError
 from sfd_jax.eval.evaluator import evaluate
 from sfd_jax.eval.features import FeatureExtractor
-from sfd_jax.eval.images import Subset, digest, open_images
 from sfd_jax.eval.reference import read_reference, write_reference
 
 flags.DEFINE_string("ref", None, "ADM reference batch (.npz with arr_0 and/or mu, sigma, mu_s, sigma_s).")
@@ -31,16 +33,17 @@ flags.DEFINE_string("samples", None, "Samples: .npz batch (arr_0 uint8 N×H×W×
 flags.DEFINE_string("inception", None, "FID Inception weights (pytorch-fid or torch-fidelity .pth); default "
                     f"$SFD_INCEPTION_WEIGHTS or {default_inception_path()}.")
 flags.DEFINE_string("out", None, "JSON report; default SAMPLES_eval.json next to the samples.")
-flags.DEFINE_integer("per_device_batch", 32, "Images per device per Inception batch.")
+flags.DEFINE_integer("per_device_batch", 32, "Images per device per Inception batch.", lower_bound=1)
 flags.DEFINE_enum("fid_method", "schur", ["schur", "eigh"], "Matrix square root of FID: 'schur' as the ADM "
                   "evaluator; 'eigh' gives the same value ~10× faster on CPU hosts.")
 flags.DEFINE_boolean("check_reference", True, "When the reference stores statistics and images, also report the "
                      "FID between them as computed here (how closely this port matches the TensorFlow graph).")
-flags.DEFINE_boolean("trust_pickle", False, "Allow a weight file that needs full unpickling (trusted files only).")
 flags.DEFINE_string("write_ref", None, "Write a reference batch to this new .npz instead of evaluating.")
 flags.DEFINE_string("images", None, "With --write_ref: a folder of images or tfds:NAME[:SPLIT].")
-flags.DEFINE_integer("image_size", None, "With --write_ref: ADM centre crop to this size (needed for mixed sizes).")
-flags.DEFINE_integer("num_images", None, "With --write_ref: a random subset of this many images (default: all).")
+flags.DEFINE_integer("image_size", None, "With --write_ref: ADM centre crop to this size (needed for mixed sizes).",
+                     lower_bound=1)
+flags.DEFINE_integer("num_images", None, "With --write_ref: a random subset of this many images (default: all).",
+                     lower_bound=1)
 flags.DEFINE_integer("seed", 0, "With --num_images: seed of the subset.")
 flags.DEFINE_string("tfds_data_dir", None, "With tfds:...: the tfds data_dir.")
 FLAGS = flags.FLAGS
@@ -51,8 +54,8 @@ def default_report_path(samples) -> Path:
   return path.parent / f"{path.stem if path.suffix == '.npz' else path.name}_eval.json"
 
 
-def _extractor(inception, per_device_batch: int, trust_pickle: bool) -> FeatureExtractor:
-  model, variables = load_inception(inception, trust_pickle=trust_pickle)
+def _extractor(inception, per_device_batch: int) -> FeatureExtractor:
+  model, variables = load_inception(inception)
   return FeatureExtractor(model, variables, per_device_batch=per_device_batch)
 
 
@@ -67,11 +70,11 @@ def _weights(path) -> dict:
 
 
 def run_evaluation(ref, samples, inception=None, out=None, per_device_batch: int = 32, fid_method: str = "schur",
-                   check_reference: bool = True, trust_pickle: bool = False) -> dict:
+                   check_reference: bool = True) -> dict:
   """Evaluates, prints the metrics as the ADM evaluator does, writes the JSON report (process 0); returns it."""
   start = time.time()
   reference, sample_source = read_reference(ref), open_images(samples)  # bad inputs fail before the slow part
-  extractor = _extractor(inception, per_device_batch, trust_pickle)
+  extractor = _extractor(inception, per_device_batch)
   report = evaluate(reference, sample_source, extractor, fid_method=fid_method, check_reference=check_reference)
   report["inputs"]["inception"] = _weights(inception)
   report["devices"] = {"count": jax.device_count(), "kind": jax.devices()[0].device_kind}
@@ -88,37 +91,40 @@ def run_evaluation(ref, samples, inception=None, out=None, per_device_batch: int
 
 
 def make_reference(out, images, inception=None, image_size: int | None = None, num_images: int | None = None,
-                   seed: int = 0, tfds_data_dir=None, per_device_batch: int = 32, trust_pickle: bool = False) -> Path:
+                   seed: int = 0, tfds_data_dir=None, per_device_batch: int = 32) -> Path:
   """Writes an ADM-format reference batch (images and statistics) from a folder or a tfds split."""
   if Path(out).exists():  # before the slow part
-    raise FileExistsError(f"{out} already exists; choose another path for the reference batch")
+    raise UserError(f"{out} already exists; choose another path for the reference batch")
   source = open_images(images, image_size, tfds_data_dir)
   if num_images:
     if num_images > len(source):
-      raise ValueError(f"--num_images={num_images} but {source.name} holds {len(source)} images")
+      raise UserError(f"--num_images={num_images} but {source.name} holds {len(source)} images")
     source = Subset(source, np.random.default_rng(seed).choice(len(source), num_images, replace=False))
-  write_reference(out, source, _extractor(inception, per_device_batch, trust_pickle))
-  if jax.process_index() == 0:
-    print(f"wrote {out}: {len(source)} images of {source.shape} with their statistics")
+  write_reference(out, source, _extractor(inception, per_device_batch))
+  say(f"wrote {out}: {len(source)} images of {image_shape(source)} with their statistics")
   return Path(out)
 
 
-@user_errors_exit
+def log_dir():
+  """The directory of what this run writes (the report or the reference batch)."""
+  target = FLAGS.write_ref or FLAGS.out or (FLAGS.samples and default_report_path(FLAGS.samples))
+  return Path(target).parent if target else None
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  del argv
   if FLAGS.write_ref:
     if not FLAGS.images:
-      raise ValueError("--write_ref needs --images=DIR or --images=tfds:NAME[:SPLIT]")
+      raise UserError("--write_ref needs --images=DIR or --images=tfds:NAME[:SPLIT]")
     make_reference(FLAGS.write_ref, FLAGS.images, FLAGS.inception, FLAGS.image_size, FLAGS.num_images, FLAGS.seed,
-                   FLAGS.tfds_data_dir, FLAGS.per_device_batch, FLAGS.trust_pickle)
+                   FLAGS.tfds_data_dir, FLAGS.per_device_batch)
   elif not FLAGS.ref or not FLAGS.samples:
-    raise ValueError("give --ref=REF.npz and --samples=SAMPLES.npz|DIR (or --write_ref=OUT.npz --images=... to "
-                     "make a reference batch)")
+    raise UserError("give --ref=REF.npz and --samples=SAMPLES.npz|DIR (or --write_ref=OUT.npz --images=... to "
+                    "make a reference batch)")
   else:
     run_evaluation(FLAGS.ref, FLAGS.samples, FLAGS.inception, FLAGS.out, FLAGS.per_device_batch, FLAGS.fid_method,
-                   FLAGS.check_reference, FLAGS.trust_pickle)
+                   FLAGS.check_reference)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main, log_dir=log_dir, distributed=True)

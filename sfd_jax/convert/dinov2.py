@@ -196,7 +196,7 @@ def _read_hf_dir(path: Path):
   return config, select_state_dict(load_state_dict(weights))
 
 
-def load_dinov2(source, config=None, *, preset: str | None = None, trust_pickle=None, **overrides):
+def load_dinov2(source, config=None, *, preset: str | None = None, **overrides):
   """(model, {"params": ...}) from a DINOv2-with-registers checkpoint, strictly.
 
   `source`: a local Hugging Face model directory (config.json + model.safetensors or pytorch_model.bin; the hub
@@ -207,7 +207,6 @@ def load_dinov2(source, config=None, *, preset: str | None = None, trust_pickle=
   `overrides` set sfd_jax-only fields (e.g. `dtype`). Raises `ConversionError` naming a missing, unknown or
   mis-shaped key.
   """
-  del trust_pickle  # accepted until the call sites drop it
   if config is not None and preset is not None:
     raise ValueError("pass either config or preset, not both")
   if isinstance(source, Mapping):

@@ -75,15 +75,14 @@ def inception_from_state_dict(state_dict: Mapping[str, np.ndarray], **overrides)
   return model, {"params": params}
 
 
-def load_inception(path=None, *, trust_pickle=None, **overrides):
+def load_inception(path=None, **overrides):
   """(model, variables) from a FID Inception weight file (.pth/.pt/.npz/.safetensors); None: the default path.
 
   Raises FileNotFoundError saying which file to get and where to put it, or ConversionError naming a bad key.
   """
-  del trust_pickle  # accepted until the call sites drop it
   path = Path(path) if path is not None else default_inception_path()
   if not path.is_file():
-    raise FileNotFoundError(missing_weights_message(path))
+    raise ConversionError(missing_weights_message(path))
   state_dict = load_state_dict(path)
   if not isinstance(state_dict, Mapping):
     raise ConversionError(f"{path} holds a {type(state_dict).__name__}, not a state dict of tensors")

@@ -27,14 +27,13 @@ log = logging.getLogger(__name__)
 __all__ = ["ConversionError", "WEIGHT_ENTRIES", "load_state_dict", "select_state_dict", "to_numpy"]
 
 
-def load_state_dict(path, *, which: str | None = None, trust_pickle=None) -> dict[str, np.ndarray]:
+def load_state_dict(path, *, which: str | None = None) -> dict[str, np.ndarray]:
   """The tensors of a weight file as numpy arrays (bfloat16 becomes float32, which is lossless).
 
   A torch checkpoint dict gives the tensors of its entry `which` ('ema', 'model', 'state_dict'), by default the
   first of `WEIGHT_ENTRIES` it has; a file that is itself a state dict (or a stats file) gives all its tensors.
   Raises `ConversionError` with one sentence for a missing, unreadable, truncated or code-running file.
   """
-  del trust_pickle  # accepted until the call sites drop it
   path = Path(path)
   _check_weight_file(path)
   suffix = path.suffix.lower()

@@ -1,5 +1,5 @@
-"""Images → the latent dataset (DESIGN.md §6): texture latents, DINOv2 tokens and semantic latents of every image
-and of its mirror image, written shard by shard.
+"""Images → the latent dataset (`sfd_jax.data.latents`): texture latents, DINOv2 tokens and semantic latents of
+every image and of its mirror image, written shard by shard.
 
 For each image (ADM centre crop at `resolution`) and its horizontal flip:
 - texture latent: the texture VAE's posterior sample of the image in [-1, 1] (the official extraction,
@@ -46,6 +46,7 @@ from sfd_jax.convert.dinov2 import load_dinov2
 from sfd_jax.convert.io import load_state_dict
 from sfd_jax.convert.texture_vae import load_texture_vae
 from sfd_jax.data import images as images_lib, latents as latents_lib
+from sfd_jax.errors import UserError
 from sfd_jax.models.dinov2 import DINOv2, repa_features
 from sfd_jax.models.layers import posterior_std
 from sfd_jax.models.semvae import SemVAE
@@ -83,7 +84,7 @@ def make_encoder(model, variables, **info) -> Encoder:
                                     "sha256": params_sha256(variables["params"]), **info})
 
 
-def load_encoder(kind: str, path, *, dtype: str | None = None, trust_pickle: bool = False) -> Encoder:
+def load_encoder(kind: str, path, *, dtype: str | None = None) -> Encoder:
   """The `kind` ('texture', 'dino' or 'semvae') encoder from an exported model directory (`cli.convert`,
   `cli.train_semvae`), or for 'dino' a Hugging Face directory / facebookresearch .pth, for 'texture' the
   official LDM checkpoint (SD-VAE f16d32 layout). `dtype` overrides the compute dtype (params stay float32)."""
@@ -94,21 +95,21 @@ def load_encoder(kind: str, path, *, dtype: str | None = None, trust_pickle: boo
     what = {"texture": "an exported texture VAE or the official LDM .ckpt",
             "dino": "an exported DINOv2, a Hugging Face directory or the facebookresearch .pth",
             "semvae": "the SemVAE that `python -m sfd_jax.cli.train_semvae` exported"}[kind]
-    raise FileNotFoundError(f"the {kind} encoder {path} does not exist; pass {what}")
+    raise UserError(f"the {kind} encoder {path} does not exist; pass {what}")
   extra = {}
   if (path / "model.json").exists():
     model, variables, meta = export.load_model(path)
     extra = {k: v for k, v in meta.items() if k not in ("class", "fields")}
   elif kind == "dino":
-    model, variables = load_dinov2(path, trust_pickle=trust_pickle)
+    model, variables = load_dinov2(path)
   elif kind == "texture":
-    model, variables = load_texture_vae(files.SD_VAE_F16D32, 32, load_state_dict(path, trust_pickle=trust_pickle))
+    model, variables = load_texture_vae(files.SD_VAE_F16D32, 32, load_state_dict(path))
   else:
-    raise FileNotFoundError(f"{path} is not an exported SemVAE (no model.json); `python -m sfd_jax.cli."
-                            "train_semvae` exports one to <workdir>/semvae")
+    raise UserError(f"{path} is not an exported SemVAE (no model.json); `python -m sfd_jax.cli."
+                    "train_semvae` exports one to <workdir>/semvae")
   if not isinstance(model, ENCODER_CLASSES[kind]):
-    raise ValueError(f"{path} holds a {type(model).__name__}, not the {ENCODER_CLASSES[kind].__name__} expected "
-                     f"as the {kind} encoder; check the order of the paths")
+    raise UserError(f"{path} holds a {type(model).__name__}, not the {ENCODER_CLASSES[kind].__name__} expected "
+                    f"as the {kind} encoder; check the order of the paths")
   if dtype:
     model = model.clone(dtype=jnp.dtype(dtype))
   return make_encoder(model, variables, path=str(path.absolute()), **extra)
@@ -141,7 +142,7 @@ def latent_layout(texture: Encoder, dino: Encoder, semvae: Encoder, resolution: 
     problems.append(f"the SemVAE was trained on features of DINOv2 weights {trained_on[:12]}…, not of the given "
                     f"ones ({dino.info['sha256'][:12]}…); pass the DINOv2 it was trained with")
   if problems:
-    raise ValueError("the encoders do not fit together: " + "; ".join(problems))
+    raise UserError("the encoders do not fit together: " + "; ".join(problems))
   return dict(latent_size=g, texture_channels=tex.shape[-1], semantic_channels=semvae.model.latent_channels,
               dino_tokens=n, dino_dim=d)
 
@@ -204,23 +205,26 @@ class Settings:
 def _check_settings(s: Settings, local_devices: int):
   for name in ("texture_latent", "semantic_latent"):
     if getattr(s, name) not in LATENT_MODES:
-      raise ValueError(f"{name} {getattr(s, name)!r} is not one of {LATENT_MODES}")
+      raise UserError(f"{name} {getattr(s, name)!r} is not one of {LATENT_MODES}")
   if s.latent_dtype not in ("float16", "float32"):
-    raise ValueError(f"latent_dtype {s.latent_dtype!r} is not one of ('float16', 'float32')")
+    raise UserError(f"latent_dtype {s.latent_dtype!r} is not one of ('float16', 'float32')")
   if s.batch_size <= 0 or s.batch_size % local_devices:
-    raise ValueError(f"batch_size {s.batch_size} must be a positive multiple of this host's {local_devices} "
-                     "devices")
+    raise UserError(f"batch_size {s.batch_size} must be a positive multiple of this host's {local_devices} "
+                    "devices")
   if s.shard_size <= 0:
-    raise ValueError(f"shard_size {s.shard_size} must be positive")
+    raise UserError(f"shard_size {s.shard_size} must be positive")
 
 
 def _load(source, index: int, resolution: int):
-  """(index, centre crop or None, label, why it was skipped)."""
+  """(index, centre crop or None, label, None or {'file', 'reason'} of a skipped image)."""
   try:
     record = source[index]
-    return index, images_lib.adm_center_crop(record["image"], resolution), int(record["label"]), None
   except images_lib.UnreadableImage as e:
-    return index, None, None, e.reason
+    return index, None, None, {"file": e.where, "reason": e.reason}
+  try:  # a decoded image can still fail the crop (e.g. a 0-pixel side)
+    return index, images_lib.adm_center_crop(record["image"], resolution), int(record["label"]), None
+  except Exception as e:
+    return index, None, None, {"file": source.where(index), "reason": f"{type(e).__name__}: {e}"}
 
 
 def _prefetched(pool, load, chunks, ahead: int = 2) -> Iterator[list]:
@@ -263,10 +267,10 @@ class _Extraction:
     rows, outputs = dispatched
     host = jax.device_get(outputs) if outputs is not None else {}
     k = 0
-    for index, image, label, reason in rows:
+    for index, image, label, skipped in rows:
       if image is None:
-        logging.warning("skipped unreadable image %d: %s", index, reason)
-        out.skip(index, reason)
+        logging.warning("skipped unreadable image %d (%s): %s", index, skipped["file"], skipped["reason"])
+        out.skip(index, **skipped)
         continue
       record = {key: value[k] for key, value in host.items()}
       record.update(label=label, index=index)
@@ -289,7 +293,7 @@ def extract(source, encoders: Mapping[str, Encoder], out, settings: Settings = S
   layout = latent_layout(encoders["texture"], encoders["dino"], encoders["semvae"], settings.resolution)
   num_images = min(len(source), settings.max_images) if settings.max_images else len(source)
   if not num_images:
-    raise ValueError("the image source holds no images; check its path")
+    raise UserError("the image source holds no images; check its path")
   num_shards = math.ceil(num_images / settings.shard_size)
   spec = latents_lib.record_spec(**layout, latent_dtype=settings.latent_dtype, dino_dtype=settings.dino_dtype,
                                  image_size=None if settings.dino_dtype else settings.resolution)

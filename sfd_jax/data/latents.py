@@ -1,10 +1,18 @@
-"""The latent dataset (DESIGN.md §6): writing it, its statistics, and the grain input pipeline that reads it.
+"""The latent dataset: writing it, its statistics, and the grain input pipeline that reads it.
 
 A dataset is a directory that `tfds.data_source` / `tfds.builder_from_directory` opens: a tfds dataset named
-`sfd_latents` in ArrayRecord format with one record per image ({texture, texture_flip, semantic,
-semantic_flip, [dino, dino_flip], [image], label, index}, latents NHWC and raw, not normalised), plus `stats.json`
-(per-channel mean and unbiased std of the un-flipped texture and semantic latents) and `meta.json` (what
-produced it). It is written without TensorFlow, shard by shard, each shard atomically (a half-written shard
+`sfd_latents` in ArrayRecord format with one record per image, latents NHWC and raw (not normalised):
+
+  key                          shape (256 px, f16 texture VAE)   dtype
+  texture, texture_flip        (16, 16, 32)                      float16 or float32
+  semantic, semantic_flip      (16, 16, 16)                      float16 or float32
+  dino, dino_flip (optional)   (256, 768)                        float16 or bfloat16 (stored as uint16 bits)
+  image (without dino)         (256, 256, 3)                     uint8 (the centre crop)
+  label, index                 ()                                int64 (index: position in the source)
+
+plus `stats.json` (per-channel mean and unbiased std of the un-flipped texture and semantic latents, and the
+number of samples) and `meta.json` (the encoders, their digests, resolution, crop and skipped images that
+produced it). Shapes follow the resolution. It is written without TensorFlow, shard by shard, each shard atomically (a half-written shard
 never looks finished), so an extraction can stop anywhere and resume.
 
 The pipeline (grain) shuffles with a seed (a new order every epoch, no repeats inside one), picks the stored
@@ -132,9 +140,9 @@ class ShardWriter:
     self.semantic.update(record["semantic"])
     self.count += 1
 
-  def skip(self, index: int, reason: str) -> None:
-    """Lists a source image left out of the dataset (it goes into meta.json)."""
-    self.skipped.append({"index": int(index), "reason": str(reason)})
+  def skip(self, index: int, file: str, reason: str) -> None:
+    """Lists a source image left out of the dataset, naming its file (it goes into meta.json)."""
+    self.skipped.append({"index": int(index), "file": str(file), "reason": str(reason)})
 
   def _commit(self) -> None:
     self._out.close()
@@ -281,13 +289,23 @@ class LatentSource:
     self.stats = json.loads((self.directory / "stats.json").read_text())
     self.meta = json.loads((self.directory / "meta.json").read_text())
     self.spec = self.meta["record"]
-    self._source = tfds.builder_from_directory(str(self.directory)).as_data_source(split="train")
+    builder = tfds.builder_from_directory(str(self.directory))
+    self._shard_ends = np.cumsum(builder.info.splits["train"].shard_lengths)
+    self._source = builder.as_data_source(split="train")
 
   def __len__(self):
     return len(self._source)
 
   def __getitem__(self, index):
-    record = dict(self._source[index])
+    try:
+      record = dict(self._source[index])
+    except RuntimeError as e:  # array_record / Riegeli: a truncated shard, or one whose bytes changed
+      shard = _shard_path(self.directory, int(np.searchsorted(self._shard_ends, index, side="right")),
+                          len(self._shard_ends))
+      raise DatasetError(
+          f"record {index} of the latent dataset cannot be read: shard {shard} is truncated or corrupt "
+          f"({str(e).splitlines()[0][:200]}); re-extract it: delete it and {shard.name}.stats.json, then run the "
+          "same extraction (or import_official) command again, which rewrites only the missing shard") from None
     if self.spec["dino_dtype"] == "bfloat16":
       for key in ("dino", "dino_flip"):
         record[key] = record[key].view(ml_dtypes.bfloat16)
@@ -305,8 +323,8 @@ def find_dataset(directory) -> Path:
                              "run it again to complete it")
       return candidate
   if not directory.exists():
-    raise FileNotFoundError(f"latent dataset directory {directory} does not exist; set config.data.path to the "
-                            "directory written by `python -m sfd_jax.cli.extract`")
+    raise UserError(f"latent dataset directory {directory} does not exist; set config.data.path to the "
+                    "directory written by `python -m sfd_jax.cli.extract`")
   raise DatasetError(f"{directory} is not a latent dataset (no {NAME}/{VERSION}/dataset_info.json under it); "
                      "write one with `python -m sfd_jax.cli.extract`")
 

@@ -1,4 +1,4 @@
-"""Official SFD (LightningDiT-layout) latent shards → the latent dataset format (DESIGN.md §6).
+"""Official SFD (LightningDiT-layout) latent shards → the latent dataset format (`sfd_jax.data.latents`).
 
 The official training data (spec §2.4) is a directory of `*.safetensors` shards, read in sorted order, holding
 per image the NCHW arrays `latents` / `latents_flip` (texture, (n, 32, 16, 16)), `latents_sv` / `latents_sv_flip`
@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sfd_jax.data import latents as latents_lib
+from sfd_jax.errors import UserError
 
 TEXTURE_KEYS = ("latents", "latents_flip")
 SEMANTIC_KEYS = ("latents_sv", "latents_sv_flip")
@@ -85,10 +86,10 @@ def _shard_layout(path: Path, arrays: dict) -> dict:
   return layout
 
 
-def official_stats(path, channels: int, *, trust_pickle: bool = False) -> dict:
+def official_stats(path, channels: int) -> dict:
   """An official `{'mean', 'std'}` stats file ((1, C, 1, 1) each) → {'mean', 'std', 'source'} lists."""
   from sfd_jax.convert.io import load_state_dict
-  raw = load_state_dict(path, trust_pickle=trust_pickle)
+  raw = load_state_dict(path)
   if "mean" not in raw or "std" not in raw:
     raise latents_lib.DatasetError(f"{path} must hold 'mean' and 'std' tensors, found {sorted(raw)}")
   mean, std = (np.asarray(raw[k], np.float64).reshape(-1) for k in ("mean", "std"))
@@ -114,7 +115,7 @@ def _records(arrays: dict, start: int, stop: int, offset: int, with_dino: bool):
 
 
 def import_official(src, out, *, texture_stats=None, semantic_stats=None, dino_dtype: str | None = "float16",
-                    latent_dtype: str = "float32", chunk: int = 256, trust_pickle: bool = False,
+                    latent_dtype: str = "float32", chunk: int = 256,
                     progress: bool = True) -> dict:
   """Writes the latent dataset of the official shards in `src` under `out`; returns {'directory', 'records',
   'stats'}. Stats files default to `latents_stats.pt` / `latents_sv_stats.pt` in `src` where present;
@@ -122,8 +123,8 @@ def import_official(src, out, *, texture_stats=None, semantic_stats=None, dino_d
   src = Path(src)
   files = sorted(src.glob("*.safetensors"))
   if not files:
-    raise FileNotFoundError(f"no .safetensors shards in {src}; pass the directory of the official latents "
-                            "(e.g. outputs/dataset/imagenet1k-latents/.../imagenet_train_256)")
+    raise UserError(f"no .safetensors shards in {src}; pass the directory of the official latents "
+                    "(e.g. outputs/dataset/imagenet1k-latents/.../imagenet_train_256)")
   shards = [read_safetensors(f) for f in files]
   layouts = [_shard_layout(f, a) for f, a in zip(files, shards)]
   first = layouts[0]
@@ -141,7 +142,7 @@ def import_official(src, out, *, texture_stats=None, semantic_stats=None, dino_d
   for key, name in STATS_FILES.items():
     if given[key] is None and (src / name).exists():
       given[key] = src / name
-  stats = {key: official_stats(path, spec[f"{key}_channels"], trust_pickle=trust_pickle)
+  stats = {key: official_stats(path, spec[f"{key}_channels"])
            for key, path in given.items() if path is not None}
   counts = [layout["count"] for layout in layouts]
   offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()

@@ -8,13 +8,54 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from sfd_jax.errors import UserError
+
 ITEMS = ("state", "data", "config")
+
+
+# tensorstore reports missing or damaged data as a ValueError whose message starts with one of these status codes.
+_DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND", "UNKNOWN")
+
+
+def is_unreadable(error: BaseException) -> bool:
+  """Whether a restore failed because the checkpoint's files are missing or damaged (an I/O error, truncated or
+  corrupt data or metadata), as opposed to an intact checkpoint that does not fit what was asked of it."""
+  while error is not None:
+    if isinstance(error, (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError)):
+      return True
+    if isinstance(error, ValueError) and str(error).startswith(_DAMAGE_CODES):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def quiet_closed_event_loops() -> None:
+  """After a failed restore, tensorstore completes the reads still in flight on orbax's already-closed asyncio
+  loop; each reports `RuntimeError('Event loop is closed')` to `sys.unraisablehook`, hundreds of tracebacks at
+  exit that say nothing. Drop exactly those; everything else reaches the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "sfd_jax_quiet", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      previous(unraisable)
+  hook.sfd_jax_quiet = True
+  sys.unraisablehook = hook
+
+
+def _summary(error: BaseException) -> str:
+  return f"{type(error).__name__}: {str(error).splitlines()[0][:300]}" if str(error) else type(error).__name__
 
 
 class Checkpointer:
@@ -77,19 +118,33 @@ class Checkpointer:
     args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
     return reader.restore(step, args=ocp.args.Composite(state=args))["state"][which]
 
-  def model_params(self, model, step: int | None = None, which: str = "ema_params"):
-    """`which` params of checkpoint `step` (default: the newest) for `model`, a flax module with `dummy_inputs`."""
-    abstract = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
-    return self.restore_params(self.existing_step(step), abstract, which)
+  def readable_params(self, model_of: Callable[[dict], Any], step: int | None = None, which: str = "ema_params"):
+    """(step, config, params): the `which` params of checkpoint `step`, or of the newest checkpoint that reads.
 
-  def existing_step(self, step: int | None = None) -> int:
-    """`step`, or the newest one when None; a FileNotFoundError when the checkpoint does not exist."""
+    `model_of(config)` gives the flax module (with `dummy_inputs`) of a checkpoint's config. A damaged newest
+    checkpoint (say, of a killed run) is passed over with a warning; a damaged `step` is a user error.
+    """
     steps = self.steps()
     if not steps:
-      raise FileNotFoundError(f"{self.directory} has no finished checkpoint yet; train first")
+      raise UserError(f"{self.directory} has no finished checkpoint yet; train first")
     if step is not None and step not in steps:
-      raise FileNotFoundError(f"{self.directory} has no checkpoint {step}; it has {steps}")
-    return steps[-1] if step is None else step
+      raise UserError(f"{self.directory} has no checkpoint {step}; it has {steps}")
+    for candidate in [step] if step is not None else reversed(steps):
+      try:
+        config = self.config(candidate)
+        model = model_of(config)
+        abstract = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
+        return candidate, config, self.restore_params(candidate, abstract, which)
+      except Exception as e:
+        if not is_unreadable(e):
+          raise
+        quiet_closed_event_loops()
+        if step is not None:
+          raise UserError(f"checkpoint {step} in {self.directory} cannot be read ({_summary(e)}); choose another "
+                          f"step of {steps}, or leave the step out for the newest readable one") from None
+        logging.warning("checkpoint %d in %s cannot be read (%s); trying the one before", candidate, self.directory,
+                        _summary(e))
+    raise UserError(f"none of the checkpoints {steps} in {self.directory} can be read; they are damaged")
 
   def config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

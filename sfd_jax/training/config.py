@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from sfd_jax import sharding as shd
+from sfd_jax.errors import UserError
 from sfd_jax.models.dit import LightningDiT, preset_fields
 
 
@@ -27,7 +28,6 @@ def dino_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       path="",                   # exported DINOv2 (cli.convert), Hugging Face directory, or facebookresearch .pth
       dtype="float32",           # compute dtype of the frozen DINOv2
-      trust_pickle=False,
       random_init=False,         # tests and smoke runs only: a random-weight DINOv2 with `random_fields`, no file
       random_fields=dict(image_size=224, hidden_size=32, depth=1, num_heads=2),
   ))
@@ -105,3 +105,46 @@ def build_model(model_cfg) -> LightningDiT:
   fields = dict(model_cfg)
   fields["dtype"] = jnp.dtype(fields["dtype"])
   return LightningDiT(**fields)
+
+
+# (field, lowest, highest) allowed: None is no bound. A field a config does not have is skipped, so the SFD and
+# SemVAE configs share the table.
+VALUE_RANGES = (
+    ("batch_size", 1, None), ("eval_batch_size", 1, None), ("total_steps", 0, None), ("log_every", 1, None),
+    ("ckpt_every", 1, None), ("keep_checkpoints", 1, None), ("keep_period", 0, None), ("sample_every", 0, None),
+    ("sample.num_images", 1, None), ("sample.num_steps", 2, None), ("sample.rtol", 0.0, None),
+    ("sample.atol", 0.0, None), ("sample.shift", 0.0, None), ("sample.cfg_scale", 0.0, None),
+    ("sample.cfg_interval_start", 0.0, 1.0),
+    ("optim.lr", 0.0, None), ("optim.b1", 0.0, 1.0), ("optim.b2", 0.0, 1.0), ("optim.eps", 0.0, None),
+    ("optim.weight_decay", 0.0, None), ("optim.warmup_steps", 0, None), ("optim.constant_steps", 0, None),
+    ("optim.decay_steps", 0, None), ("optim.end_lr", 0.0, None), ("optim.max_grad_norm", 0.0, None),
+    ("optim.grad_accum_steps", 1, None), ("optim.ema_decay", 0.0, 1.0),
+    ("loss.delta_t", 0.0, 1.0), ("loss.semantic_channels", 0, None), ("loss.semantic_weight", 0.0, None),
+    ("loss.repa_weight", 0.0, None), ("loss.logit_std", 0.0, None), ("loss.class_dropout", 0.0, 1.0),
+    ("loss.mse_weight", 0.0, None), ("loss.cos_weight", 0.0, None), ("loss.kl_weight", 0.0, None),
+    ("data.synthetic_records", 1, None), ("data.num_workers", 0, None), ("data.prefetch", 1, None),
+    ("data.heldout_images", 0, None), ("data.resolution", 1, None),
+    ("model.input_size", 1, None), ("model.patch_size", 1, None), ("model.in_channels", 1, None),
+    ("model.hidden_size", 1, None), ("model.depth", 1, None), ("model.num_heads", 1, None),
+    ("model.mlp_ratio", 0.0, None), ("model.num_classes", 1, None), ("model.repa_depth", 1, None),
+    ("model.repa_projector_dim", 1, None), ("model.repa_z_dim", 1, None), ("model.latent_channels", 1, None),
+    ("model.encoder_depth", 0, None), ("model.decoder_depth", 0, None),
+    ("sharding.min_size", 0, None),
+)
+
+
+def check_values(cfg) -> None:
+  """A config value outside its range (e.g. --config.batch_size=0) is a user error naming the field."""
+  for name, low, high in VALUE_RANGES:
+    node, *path = name.split(".")
+    value = cfg
+    for key in (node, *path):
+      if key not in value:
+        break
+      value = value[key]
+    else:
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"config.{name}={value!r} must be a number")
+      if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f"at least {low}"
+        raise UserError(f"config.{name}={value} must be {bounds}")

@@ -3,8 +3,9 @@
 A run is a pure function of (config, seed, data): the step's randomness comes from the state's rng folded with
 the step, the data order from the seeded pipeline whose position is checkpointed, so a run that is stopped
 (SIGTERM, preemption) and restarted continues bit-identically. It resumes from the newest complete checkpoint
-in `<workdir>/checkpoints`; a non-finite loss never reaches the weights and, with `nan_policy='stop'`, ends
-the run with a message naming the step and the last good checkpoint, saving nothing.
+in `<workdir>/checkpoints`; a stop request saves, waits until the checkpoint is complete and raises `Preempted`; a
+non-finite loss never reaches the weights and, with `nan_policy='stop'`, ends the run with a message naming the
+step and the last good checkpoint, saving nothing.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from typing import Any
 import jax
 
 from sfd_jax import sharding as shd
-from sfd_jax.errors import UserError
-from sfd_jax.training import checkpoint as ckpt_lib, metrics as metrics_lib, state as state_lib, step as step_lib
+from sfd_jax.console import say
+from sfd_jax.errors import Preempted, UserError
+from sfd_jax.training import (checkpoint as ckpt_lib, config as config_lib, metrics as metrics_lib, state as state_lib,
+                              step as step_lib)
 
 
 class NonFiniteLossError(UserError):
@@ -41,7 +44,8 @@ class Task:
 
 
 class _StopRequest:
-  """SIGTERM (or SIGINT) asks the loop to finish its step, save, and exit cleanly."""
+  """SIGTERM (or SIGINT) asks the loop to finish its step, save, and exit cleanly. It stays installed until the last
+  checkpoint is complete, so a signal that arrives while it is written (a second one too) cannot cut it short."""
 
   def __init__(self):
     self.requested = False
@@ -54,7 +58,7 @@ class _StopRequest:
 
   def _handle(self, signum, frame):
     del frame
-    logging.warning("received signal %d: finishing the current step, then saving", signum)
+    logging.warning("received signal %d: finishing the current step and its checkpoint, then stopping", signum)
     self.requested = True
 
   def __exit__(self, *exc):
@@ -67,13 +71,17 @@ def _device_batch(mesh, batch):
 
 
 def run(cfg, workdir, task: Task) -> dict:
-  """Trains until `cfg.total_steps` (or a stop signal); returns the last logged scalars."""
+  """Trains until `cfg.total_steps`; returns the last logged scalars. Raises `Preempted` after a stop signal or a
+  preemption notice, once the checkpoint of the step reached is complete."""
+  config_lib.check_values(cfg)
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
   mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
   shd.check_batch_size(mesh, cfg.batch_size)
+  say(f"devices: {jax.device_count()} × {jax.devices()[0].device_kind} in {jax.process_count()} process(es), mesh "
+      f"data {mesh.shape['data']} × fsdp {mesh.shape['fsdp']}")
   tx = state_lib.make_optimizer(cfg.optim)
   abstract, shardings = state_lib.abstract_train_state(task.model, tx, mesh, cfg.sharding)
   data = task.make_data(jax.process_index(), jax.process_count())
@@ -82,12 +90,17 @@ def run(cfg, workdir, task: Task) -> dict:
   if state is None:
     state, _ = state_lib.create_train_state(task.model, tx, mesh, cfg.sharding, jax.random.key(cfg.seed))
     step = 0
-    logging.info("starting a new run in %s", workdir)
+    say(f"new run in {workdir}")
+  elif step >= cfg.total_steps:
+    checkpointer.close()
+    say(f"already at total_steps={cfg.total_steps} (checkpoint {step} in {checkpointer.directory}): nothing to do")
+    return {}
   else:
-    logging.info("resumed from step %d of %s", step, checkpointer.directory)
+    say(f"resumed from step {step} of {checkpointer.directory}")
   writer = metrics_lib.MetricWriter(workdir, resume_step=step)
   if jax.process_index() == 0:
     from clu import parameter_overview
+    say(f"model: {parameter_overview.count_parameters(state.params):,} parameters; training to step {cfg.total_steps}")
     logging.info("model parameters:\n%s", parameter_overview.get_parameter_overview(state.params))
   train_step = step_lib.make_train_step(task.loss_fn, tx, cfg, mesh, shardings)
   config_json = cfg.to_json_best_effort()
@@ -99,8 +112,8 @@ def run(cfg, workdir, task: Task) -> dict:
     checkpointer.save(at, state, data, config_json)
     last_saved = at
 
-  try:
-    with _StopRequest() as stop:
+  with _StopRequest() as stop:
+    try:
       while step < cfg.total_steps:
         batch = _device_batch(mesh, next(data))
         if task.preprocess is not None:
@@ -111,27 +124,30 @@ def run(cfg, workdir, task: Task) -> dict:
         if not timing:  # this process's first step compiled the step function: time from its end
           jax.block_until_ready(metrics)
           window_start, timing = (step, time.perf_counter()), True
-        end = step == cfg.total_steps or stop.requested or checkpointer.reached_preemption(step)
+        stopping = stop.requested or checkpointer.reached_preemption(step)
+        end = step == cfg.total_steps or stopping
         if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or end:
           window = jax.device_get(window)
           _check_finite(window, step - len(window) + 1, cfg.nan_policy, last_saved, checkpointer.directory)
           scalars = _scalars(window, window_start, step, cfg, task, mesh)
           writer.write_scalars(step, scalars)
-          if jax.process_index() == 0:
-            print(metrics_lib.progress_line(step, cfg.total_steps, scalars), flush=True)
+          say(metrics_lib.progress_line(step, cfg.total_steps, scalars))
           window, window_start = [], (step, time.perf_counter())
         if step % cfg.ckpt_every == 0 or end:
           save(step)
-        if task.periodic is not None and cfg.sample_every and (step % cfg.sample_every == 0 or end):
+        if (task.periodic is not None and cfg.sample_every and not stopping
+            and (step % cfg.sample_every == 0 or step == cfg.total_steps)):
           task.periodic(state, step, writer)
         if end:
           break
-  finally:
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-  if stop.requested:
-    logging.warning("stopped at step %d; checkpoint saved in %s", step, checkpointer.directory)
+    finally:
+      checkpointer.wait()  # still under the signal handler: a SIGTERM now cannot cut the last checkpoint short
+      checkpointer.close()
+      writer.close()
+  if step < cfg.total_steps:
+    raise Preempted(f"stopped at step {step} of {cfg.total_steps}; checkpoint {step} is complete in "
+                    f"{checkpointer.directory}: run the same command again to resume")
+  say(f"done: step {step}, checkpoint in {checkpointer.directory}")
   return scalars
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -29,7 +30,7 @@ class MetricWriter:
   """Scalars to `metrics.jsonl` and TensorBoard (tensorboardX), images to PNG and TensorBoard; process 0 only.
 
   On resume the jsonl keeps only the lines up to the restored step, so a run killed between checkpoints logs
-  the steps it redoes once.
+  the steps it redoes once; a line torn by a crash mid-write is dropped.
   """
 
   def __init__(self, workdir, resume_step: int = 0):
@@ -40,8 +41,8 @@ class MetricWriter:
     self.workdir = Path(workdir)
     self.jsonl = self.workdir / "metrics.jsonl"
     if self.jsonl.exists():
-      keep = [line for line in self.jsonl.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-      self.jsonl.write_text("".join(line + "\n" for line in keep))
+      records = read_jsonl(self.jsonl)
+      self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= resume_step))
     self.tb = tensorboardX.SummaryWriter(str(self.workdir / "tensorboard"))
 
   def write_scalars(self, step: int, scalars: dict) -> None:
@@ -69,6 +70,25 @@ class MetricWriter:
   def close(self) -> None:
     if self.active:
       self.tb.close()
+
+
+def read_jsonl(path) -> list[dict]:
+  """The records of a metrics.jsonl; lines that do not parse (a tail torn by a crash mid-write) are left out, with
+  a warning."""
+  records, torn = [], 0
+  for line in Path(path).read_text(errors="replace").splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      torn += 1
+      continue
+    if isinstance(record, dict) and "step" in record:
+      records.append(record)
+    else:
+      torn += 1
+  if torn:
+    logging.warning("%s: left out %d line(s) that are not complete records (torn by a crash mid-write)", path, torn)
+  return records
 
 
 def average(window: list[dict]) -> dict:

@@ -32,10 +32,11 @@ from sfd_jax import sharding as shd
 from sfd_jax.convert.export import save_model
 from sfd_jax.data import extract as extract_lib, images as images_lib
 from sfd_jax.diffusion.loss import cosine_similarity
+from sfd_jax.errors import UserError
 from sfd_jax.models.dinov2 import DINOv2
 from sfd_jax.models.layers import posterior_std
 from sfd_jax.models.semvae import SemVAE
-from sfd_jax.training import checkpoint as ckpt_lib, config as config_lib, loop, state as state_lib
+from sfd_jax.training import checkpoint as ckpt_lib, config as config_lib, loop
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -147,10 +148,10 @@ def load_dino(dino_cfg, mesh: Mesh, seed: int = 0) -> extract_lib.Encoder:
     variables = jax.jit(model.init, out_shardings=replicated)(jax.random.key(seed), *model.dummy_inputs())
     return extract_lib.make_encoder(model, variables, path="random init (tests and smoke runs only)")
   if not dino_cfg.path:
-    raise FileNotFoundError("config.dino.path is empty: set it to the DINOv2-B/14-reg weights (an exported model "
-                            "from `python -m sfd_jax.cli.convert --kind=dinov2`, a Hugging Face directory, or "
-                            "the facebookresearch dinov2_vitb14_reg4 .pth)")
-  dino = extract_lib.load_encoder("dino", dino_cfg.path, dtype=dino_cfg.dtype, trust_pickle=dino_cfg.trust_pickle)
+    raise UserError("config.dino.path is empty: set it to the DINOv2-B/14-reg weights (an exported model "
+                    "from `python -m sfd_jax.cli.convert --kind=dinov2`, a Hugging Face directory, or "
+                    "the facebookresearch dinov2_vitb14_reg4 .pth)")
+  dino = extract_lib.load_encoder("dino", dino_cfg.path, dtype=dino_cfg.dtype)
   return dataclasses.replace(dino, variables=jax.device_put(dino.variables, replicated))
 
 
@@ -215,26 +216,27 @@ class SemVAETraining:
   def export(self, workdir, out, step: int | None = None) -> Path:
     """Writes the params of checkpoint `step` (default: the newest) of `workdir` as an exported SemVAE, with
     what it was trained on (the DINOv2 digest that extraction checks) and its held-out metrics."""
-    tx = state_lib.make_optimizer(self.cfg.optim)
-    abstract, _ = state_lib.abstract_train_state(self.model, tx, self.mesh, self.cfg.sharding)
     checkpointer = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints")
-    step = checkpointer.existing_step(step)
-    state = checkpointer.restore(step, abstract)
-    checkpointer.close()
-    heldout = self.evaluate(state.params) if len(self.heldout_images) else {}
+    try:
+      step, _, params = checkpointer.readable_params(lambda config: self.model, step, which="params")
+    finally:
+      checkpointer.close()
+    params = jax.device_put(params, shd.replicated(self.mesh))
+    heldout = self.evaluate(params) if len(self.heldout_images) else {}
     trained_on = {"dino_sha256": self.dino.info["sha256"], "dino_path": self.dino.info.get("path"),
                   "resolution": self.cfg.data.resolution, "step": step, "workdir": str(Path(workdir).absolute())}
-    return save_model(out, self.model, {"params": state.params}, extra={"trained_on": trained_on, "heldout": heldout})
+    return save_model(out, self.model, {"params": params}, extra={"trained_on": trained_on, "heldout": heldout})
 
 
 def prepare(cfg) -> SemVAETraining:
   """Opens the images, splits off the held-out set, loads the DINOv2 and sizes the SemVAE to its tokens."""
+  config_lib.check_values(cfg)
   d = cfg.data
   source = images_lib.open_source(d.source, d.path, d.tfds_name, d.split, d.digits_size)
   train, heldout = images_lib.heldout_split(len(source), d.heldout_images, cfg.seed)
   if d.heldout_images and d.heldout_images < cfg.eval_batch_size:
-    raise ValueError(f"data.heldout_images {d.heldout_images} is fewer than one evaluation batch "
-                     f"(eval_batch_size {cfg.eval_batch_size}); hold out more images or evaluate in smaller batches")
+    raise UserError(f"data.heldout_images {d.heldout_images} is fewer than one evaluation batch "
+                    f"(eval_batch_size {cfg.eval_batch_size}); hold out more images or evaluate in smaller batches")
   mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
   shd.check_batch_size(mesh, cfg.eval_batch_size, "eval_batch_size")
   dino = load_dino(cfg.dino, mesh, cfg.seed)

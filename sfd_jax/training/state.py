@@ -10,6 +10,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sfd_jax import sharding as shd
+from sfd_jax.errors import UserError
 
 
 @flax.struct.dataclass
@@ -31,14 +32,14 @@ def lr_schedule(optim) -> optax.Schedule:
     return optax.join_schedules([warmup, main], [optim.warmup_steps])
   if optim.schedule == "cosine":
     if optim.decay_steps <= 0:
-      raise ValueError("optim.schedule='cosine' needs optim.decay_steps > 0 (the length of the cosine)")
+      raise UserError("optim.schedule='cosine' needs optim.decay_steps > 0 (the length of the cosine)")
     pieces = [optax.constant_schedule(optim.lr), optax.cosine_decay_schedule(
         optim.lr, optim.decay_steps, alpha=optim.end_lr / optim.lr)]
     boundaries = [optim.warmup_steps + optim.constant_steps]
     if warmup is not None:
       pieces, boundaries = [warmup] + pieces, [optim.warmup_steps] + boundaries
     return optax.join_schedules(pieces, boundaries)
-  raise ValueError(f"optim.schedule {optim.schedule!r} is not one of ('constant', 'cosine')")
+  raise UserError(f"optim.schedule {optim.schedule!r} is not one of ('constant', 'cosine')")
 
 
 def make_optimizer(optim) -> optax.GradientTransformation:

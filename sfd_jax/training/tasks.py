@@ -8,6 +8,7 @@ import numpy as np
 from sfd_jax import generate, sharding as shd
 from sfd_jax.data import extract as extract_lib, latents as latents_lib
 from sfd_jax.diffusion import sampler
+from sfd_jax.errors import UserError
 from sfd_jax.models.dinov2 import repa_features
 from sfd_jax.models.texture_vae import denormalize_texture, to_uint8
 from sfd_jax.training import config as config_lib, loop, step as step_lib
@@ -17,8 +18,8 @@ def latent_source(data_cfg, model_cfg, loss_cfg):
   """The records a run reads: a written latent dataset, or the synthetic in-memory one."""
   if data_cfg.source == "latents":
     if not data_cfg.path:
-      raise FileNotFoundError("config.data.path is empty: set it to a latent dataset directory "
-                              "(written by `python -m sfd_jax.cli.extract`), or use data.source='synthetic'")
+      raise UserError("config.data.path is empty: set it to a latent dataset directory "
+                      "(written by `python -m sfd_jax.cli.extract`), or use data.source='synthetic'")
     source = latents_lib.LatentSource(data_cfg.path)
     _check_layout(source.spec, model_cfg, loss_cfg, data_cfg.path)
     return source
@@ -27,7 +28,7 @@ def latent_source(data_cfg, model_cfg, loss_cfg):
     spec = latents_lib.record_spec(model_cfg.input_size, model_cfg.in_channels - loss_cfg.semantic_channels,
                                    loss_cfg.semantic_channels, grid * grid, model_cfg.repa_z_dim)
     return latents_lib.SyntheticLatents(data_cfg.synthetic_records, spec, model_cfg.num_classes)
-  raise ValueError(f"config.data.source {data_cfg.source!r} is not one of ('latents', 'synthetic')")
+  raise UserError(f"config.data.source {data_cfg.source!r} is not one of ('latents', 'synthetic')")
 
 
 def _check_layout(spec, model_cfg, loss_cfg, path):
@@ -43,11 +44,12 @@ def _check_layout(spec, model_cfg, loss_cfg, path):
   if spec["dino_dtype"] and spec["dino_dim"] != model_cfg.repa_z_dim:
     problems.append(f"DINO width {spec['dino_dim']} ≠ model.repa_z_dim {model_cfg.repa_z_dim}")
   if problems:
-    raise ValueError(f"the latent dataset {path} does not fit the model: {'; '.join(problems)}")
+    raise UserError(f"the latent dataset {path} does not fit the model: {'; '.join(problems)}")
 
 
 def sfd_task(cfg) -> loop.Task:
   """SFD training of the LightningDiT of `cfg.model` on the latents of `cfg.data`."""
+  config_lib.check_values(cfg)
   model = config_lib.build_model(cfg.model)
   source = latent_source(cfg.data, cfg.model, cfg.loss)
   use_repa = cfg.model.use_repa and cfg.loss.repa_weight != 0
@@ -122,7 +124,6 @@ def sample_hook(cfg, model, stats):
                                 "sample/semantic_mean": out[..., -c_sem:].mean(),
                                 "sample/semantic_std": out[..., -c_sem:].std()})
     picture = np.clip((out[..., :3] + 2.5) / 5 * 255, 0, 255).astype(np.uint8)
-    picture = picture.repeat(max(1, 64 // picture.shape[1]), 1).repeat(max(1, 64 // picture.shape[2]), 2)
     writer.write_image(step, "sample_latents", np.asarray(generate.demo_grid(picture, labels, min(n, 8))))
 
   return periodic
