@@ -8,7 +8,7 @@ from sfd_jax.training import config as config_lib
 
 def get_config(preset: str = "B"):
   c = config_lib.base_config()
-  c.model = config_lib.model_config(preset or "B")
+  c.model.update(config_lib.model_config(preset or "B"))
   c.data.path = "data/imagenet_train_256"
   c.total_steps = 400_000
   c.keep_period = 10_000

@@ -10,7 +10,7 @@ from sfd_jax.training import config as config_lib
 
 def get_config(preset: str = "XL"):
   c = config_lib.base_config()
-  c.model = config_lib.model_config(preset or "XL")
+  c.model.update(config_lib.model_config(preset or "XL"))
   c.data.path = "data/imagenet_train_256"
   c.sample_every = 50_000
   return c

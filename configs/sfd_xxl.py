@@ -4,7 +4,7 @@ from sfd_jax.training import config as config_lib
 
 def get_config(preset: str = "XXL"):
   c = config_lib.base_config()
-  c.model = config_lib.model_config(preset or "XXL")
+  c.model.update(config_lib.model_config(preset or "XXL"))
   c.data.path = "data/imagenet_train_256"
   c.sample_every = 50_000
   # 1.0B params: shard params and optimiser state over 8 chips per replica by default (FSDP).

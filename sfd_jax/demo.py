@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from sfd_jax import generate
 from sfd_jax.convert import export
 from sfd_jax.data import extract as extract_lib, images as images_lib, latents as latents_lib
 from sfd_jax.diffusion import sampler
+from sfd_jax.errors import UserError
 from sfd_jax.eval import fid
 from sfd_jax.models.dinov2 import DINOv2, preprocess_repa
 from sfd_jax.models.layers import posterior_sample
@@ -74,6 +74,15 @@ def _stage_config(cfg, steps: int, lr: float, ema_decay: float = 0.999) -> ml_co
   c.optim.update(lr=lr, ema_decay=ema_decay)
   c.log_every, c.ckpt_every, c.sample_every = max(steps // 5, 1), steps, 0  # the demo samples at its end
   return c
+
+
+def _trained_params(workdir: Path, model):
+  """The raw (not EMA) params of the newest readable checkpoint of a stage's run."""
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints")
+  try:
+    return checkpointer.readable_params(lambda config: model, which="params")[2]
+  finally:
+    checkpointer.close()
 
 
 # ------------------------------------------------------------------------------------------------- the small models
@@ -155,7 +164,7 @@ class Demo:
       return self.out / name
     workdir = self.out / "runs" / name
     loop.run(stage_cfg, workdir, self._images_task(model, loss_fn, stage_cfg))
-    params = ckpt_lib.Checkpointer(workdir / "checkpoints").model_params(model, which="params")
+    params = _trained_params(workdir, model)
     return export.save_model(self.out / name, export_model, {"params": select(params)})
 
   def texture_vae(self) -> Path:
@@ -171,8 +180,7 @@ class Demo:
     dino_dir = self._train_and_export("dino", model, classifier_loss_fn(model), _stage_config(self.cfg, c.steps, c.lr),
                                       DINOv2(**c.model), select=lambda p: p["dino"])
     workdir = self.out / "runs" / "dino"
-    params = ckpt_lib.Checkpointer(workdir / "checkpoints").model_params(model, which="params")
-    return model, params, dino_dir
+    return model, _trained_params(workdir, model), dino_dir
 
   def semvae(self, dino_dir: Path) -> Path:
     done = self.out / "semvae"
@@ -252,8 +260,7 @@ def score(demo: Demo, run: Path, classifier: DigitClassifier, classifier_params,
                                   fid.statistics(real_features.astype(np.float64)), method="eigh")
   # CFG evaluates the model on a doubled batch: each call costs two network passes per image.
   per_class = [images[np.asarray(labels) == k][:c.grid_per_class] for k in range(NUM_CLASSES)]
-  grid = np.concatenate([np.stack(row) for row in zip(*per_class)])
-  grid = grid.repeat(4, axis=1).repeat(4, axis=2)  # 16 px digits → 64 px, room for the captions
+  grid = np.concatenate([np.stack(row) for row in zip(*per_class)])  # each row holds the ten classes in order
   grid_labels = np.tile(np.arange(NUM_CLASSES), c.grid_per_class)
   generate.demo_grid(grid, grid_labels, NUM_CLASSES).save(demo.out / f"grid_{run.name}.png")
   return {"class_accuracy": accuracy, "fd_classifier_features": float(distance), "model_calls_per_sample":
@@ -271,38 +278,59 @@ def real_features(demo: Demo, classifier: DigitClassifier, params) -> tuple[np.n
 # ------------------------------------------------------------------------------------------------------------ run
 
 def run(out, quick: bool = False) -> dict:
-  """Runs (or resumes) every stage; returns the results and writes them to `<out>/results.json`."""
+  """Runs (or resumes) every stage; returns the results and writes them to `<out>/results.json`.
+
+  A stage finished by an earlier run is reused and says so; results.json keeps that run's time for it.
+  """
   if jax.process_count() > 1:
-    raise ValueError("the demo runs in one process; use the training and extraction commands on a pod")
+    raise UserError("the demo runs in one process; use the training and extraction commands on a pod")
   start = time.perf_counter()
   demo = Demo(demo_config(quick), Path(out))
   demo.out.mkdir(parents=True, exist_ok=True)
-  timings = {}
+  results_path = demo.out / "results.json"
+  earlier = json.loads(results_path.read_text()).get("timings_s", {}) if results_path.exists() else {}
+  timings, reused = {}, []
 
-  def stage(name, fn, *args):
+  def stage(name, done: Path | None, fn, *args):
     tick = time.perf_counter()
-    print(f"== {name} (at {time.perf_counter() - start:.0f} s)", flush=True)
+    again = done is not None and done.exists()
+    print(f"== {name}" + (": reused (finished by an earlier run)" if again else f" (at {tick - start:.0f} s)"),
+          flush=True)
     result = fn(*args)
-    timings[name] = round(time.perf_counter() - tick, 1)
+    if again:
+      reused.append(name)
+    timings[name] = earlier[name] if again and name in earlier else round(time.perf_counter() - tick, 1)
     return result
 
-  texture_dir = stage("texture VAE", demo.texture_vae)
+  texture_dir = stage("texture VAE", demo.out / "texture_vae" / "model.json", demo.texture_vae)
   classifier, classifier_params, dino_dir = stage("semantic encoder (DINOv2-architecture classifier)",
-                                                  demo.classifier)
-  semvae_dir = stage("SemVAE", demo.semvae, dino_dir)
-  stage("extraction", demo.extract, texture_dir, dino_dir, semvae_dir)
+                                                  demo.out / "dino" / "model.json", demo.classifier)
+  semvae_dir = stage("SemVAE", demo.out / "semvae" / "model.json", demo.semvae, dino_dir)
+  stage("extraction", demo.out / "latents" / latents_lib.NAME / latents_lib.VERSION / "stats.json", demo.extract,
+        texture_dir, dino_dir, semvae_dir)
   runs = {"sfd": demo.cfg.sfd.delta_t, "sync": 0.0}
   for name, delta_t in runs.items():
-    stage(f"{'SFD' if delta_t else 'synchronous'} training (Δ = {delta_t})", demo.sfd, name, delta_t)
+    finished = demo.out / "runs" / name / "checkpoints" / str(demo.cfg.sfd.steps)
+    stage(f"{'SFD' if delta_t else 'synchronous'} training (Δ = {delta_t})", finished, demo.sfd, name, delta_t)
   reference, heldout_accuracy = real_features(demo, classifier, classifier_params)
   results = {"quick": quick, "classifier_heldout_accuracy": heldout_accuracy, "runs": {}}
   for name, delta_t in runs.items():
-    results["runs"][name] = {"delta_t": delta_t, **stage(f"sampling {name}", score, demo, demo.out / "runs" / name,
-                                                         classifier, classifier_params, reference, delta_t)}
-  results["timings_s"] = {**timings, "total": round(time.perf_counter() - start, 1)}
-  (demo.out / "results.json").write_text(json.dumps(results, indent=1))
+    results["runs"][name] = {"delta_t": delta_t, **stage(f"sampling {name}", None, score, demo,
+                                                         demo.out / "runs" / name, classifier, classifier_params,
+                                                         reference, delta_t)}
+  results["timings_s"] = {**timings, "total": round(sum(timings.values()), 1)}
+  results["reused_stages"] = reused
+  results["this_run_s"] = round(time.perf_counter() - start, 1)
+  results_path.write_text(json.dumps(results, indent=1))
   print(table(results), flush=True)
+  print(f"sample from the trained SFD model:\n  {sample_command(demo.out)}", flush=True)
   return results
+
+
+def sample_command(out: Path) -> str:
+  """The `cli.sample` command for a grid from the demo's SFD run: every input it needs is under `out`."""
+  return (f"python -m sfd_jax.cli.sample --model={out}/runs/sfd --vae={out}/texture_vae --stats={out}/latents "
+          f"--demo --num_images=20 --cfg_scale=2.0 --out={out}/samples")
 
 
 def table(results: dict) -> str:
@@ -312,8 +340,6 @@ def table(results: dict) -> str:
   for name, r in results["runs"].items():
     lines.append(f"| {name} | {r['delta_t']} | {r['class_accuracy']:.3f} | {r['fd_classifier_features']:.2f} | "
                  f"{r['model_calls_per_sample']} |")
-  lines.append(f"total time {results['timings_s']['total']:.0f} s")
+  reused = f" ({len(results['reused_stages'])} stages reused from an earlier run)" if results["reused_stages"] else ""
+  lines.append(f"total time {results['timings_s']['total']:.0f} s{reused}")
   return "\n".join(lines)
-
-
-logging.getLogger("absl").setLevel(logging.WARNING)

@@ -33,10 +33,25 @@ def test_official_recipes(name, preset, depth, width):
   assert shapes["params"]["blocks_0"]["attn"]["qkv"]["kernel"].shape == (width, 3 * width)
 
 
+def _groups(c, name="config"):
+  yield name, c
+  for key, value in c.items():
+    if hasattr(value, "is_locked"):
+      yield from _groups(value, f"{name}.{key}")
+
+
+@pytest.mark.parametrize("name", ["sfd_xl", "sfd_xxl", "autoguidance_b", "smoke", "semvae", "semvae_smoke"])
+def test_every_group_of_every_config_is_locked(name):
+  unlocked = [path for path, group in _groups(load(name)) if not group.is_locked]
+  assert not unlocked, unlocked  # a new key from Python (a typo) would be accepted there
+
+
 def test_preset_argument_and_locking():
   assert load("sfd_xl", "B").model.hidden_size == 768
   c = load("smoke")
   with pytest.raises(AttributeError, match="lrr"):
     c.optim.lrr = 1.0
+  with pytest.raises(AttributeError, match="hidden"):
+    c.model.hidden = 12
   with pytest.raises(UserError, match="unknown LightningDiT preset"):
     config_lib.model_config("XXXL")

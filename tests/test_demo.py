@@ -30,3 +30,18 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert 0 < run["model_calls_per_sample"] < 200
     grid = np.asarray(Image.open(tmp_path / f"grid_{name}.png"))
     assert grid.shape[1] == 10 * 64 and grid.std() > 10
+  # The command the demo prints (and the README shows) samples from what the demo wrote.
+  command = result.stdout.split("sample from the trained SFD model:")[1].split()
+  assert command[:3] == ["python", "-m", "sfd_jax.cli.sample"], command
+  sampled = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, text=True, timeout=600)
+  assert sampled.returncode == 0, sampled.stderr[-3000:]
+  demo_png = np.asarray(Image.open(tmp_path / "samples" / "demo.png"))
+  assert demo_png.shape == (2 * (64 + 14), 10 * 64, 3) and demo_png.std() > 10  # the ten classes along the columns
+  # A second run reuses every finished stage and keeps the first run's timings.
+  again = subprocess.run([sys.executable, "-m", "sfd_jax.cli.demo", "--quick", f"--out={tmp_path}"], env=env,
+                         capture_output=True, text=True, timeout=1200)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count(": reused (finished by an earlier run)") == 6, again.stdout
+  rerun = json.loads((tmp_path / "results.json").read_text())
+  assert len(rerun["reused_stages"]) == 6
+  assert all(rerun["timings_s"][k] == results["timings_s"][k] for k in rerun["reused_stages"])
