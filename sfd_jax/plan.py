@@ -5,9 +5,11 @@ libtpu's compiler needs no TPU: `jax.experimental.topologies.get_topology_desc` 
 and `jax.jit(step).lower(abstract arguments).compile()` builds the executable that slice would run, allocating
 nothing. Its `memory_analysis()` is what the program needs on each chip; its `cost_analysis()` is XLA's cost model
 of one chip's share (FLOPs, bytes of HBM traffic). That model counts the body of a while loop (a `lax.scan`:
-gradient accumulation, scanned blocks) once, so each loop body is costed again here from the optimised HLO, by the
-same rules (dot and convolution FLOPs, elementwise FLOPs, operand and result bytes of every instruction), and added
-trip count − 1 more times. Collectives and the bytes they move are read from the optimised HLO as well.
+gradient accumulation, scanned blocks, a Runge-Kutta step's stages) once, so each loop body is costed again here
+from the optimised HLO (dot and convolution FLOPs and elementwise FLOPs as XLA counts them, operand and result
+bytes of every instruction), scaled to XLA's units by the ratio of XLA's cost to this count over the program as
+XLA costs it, and added trip count − 1 more times. Collectives and the bytes they move are read from the optimised
+HLO as well.
 
 The step-time bound is the roofline max(FLOPs / peak, HBM bytes / bandwidth, collective bytes received / ICI
 bandwidth) with the chip's numbers from `CHIPS`: no step runs faster on that chip, and a memory-bound step shows as
@@ -317,7 +319,7 @@ def analyse_hlo(text: str) -> HloCosts:
   HLO module."""
   computations, entry = parse_hlo(text)
   by_name = {i.name: i for body in computations.values() for i in body}
-  calls: dict[str, list[tuple[str, float, float, bool]]] = {name: [] for name in computations}  # callee edges
+  callers: dict[str, list[tuple[str, int, bool]]] = {name: [] for name in computations}  # (caller, trips, fused)
   trips = []
   for caller, body in computations.items():
     for instruction in body:
@@ -331,19 +333,19 @@ def analyse_hlo(text: str) -> HloCosts:
         if callee not in computations:
           continue
         factor = trip if (trip is not None and role in ("body", "condition")) else 1
-        fused = role == "calls" and instruction.opcode in ("fusion",)
-        nested_scalar = role == "to_apply"
-        calls[callee].append((caller, factor, 1.0, fused or nested_scalar))
+        inlined = (role == "calls" and instruction.opcode == "fusion") or role == "to_apply"  # no HBM of its own
+        callers[callee].append((caller, factor, inlined))
 
   multiplicity, multiplicity_once = {}, {}
 
   def count(name, real: bool, memo) -> float:
+    """Executions of computation `name` per run of the program (with every loop taken once unless `real`)."""
     if name in memo:
       return memo[name]
     memo[name] = 0.0  # cycle guard
     total = 1.0 if name == entry else 0.0
-    for caller, factor, once, _ in calls[name]:
-      total += count(caller, real, memo) * (factor if real else once)
+    for caller, factor, _ in callers[name]:
+      total += count(caller, real, memo) * (factor if real else 1)
     memo[name] = total
     return total
 
@@ -351,10 +353,10 @@ def analyse_hlo(text: str) -> HloCosts:
     count(name, True, multiplicity)
     count(name, False, multiplicity_once)
 
-  fused_computations = {name for name, edges in calls.items() if edges and all(e[3] for e in edges)}
+  fused_computations = {name for name, edges in callers.items() if edges and all(e[2] for e in edges)}
   flops_extra = bytes_extra = flops_total = bytes_total = 0.0
   collectives: dict[str, dict] = {}
-  seen_channels: dict[str, float] = {}
+  seen_channels = set()
   for name, body in computations.items():
     real, once = multiplicity[name], multiplicity_once[name]
     if real == 0:
@@ -374,7 +376,7 @@ def analyse_hlo(text: str) -> HloCosts:
       key = channel.group(1) if channel else f"{name}/{i.name}"
       if key in seen_channels:  # one async collective is spread over start / update / done computations
         continue
-      seen_channels[key] = real
+      seen_channels.add(key)
       size = max([_array_bytes(i.type)] + [_array_bytes(by_name[o].type) for o in i.operands if o in by_name])
       n = _group_size(i.attrs)
       share = (n - 1) / n if n else 1.0
@@ -616,9 +618,9 @@ def compile_program(program: Program, chip: Chip, chips: int, headroom: float = 
   usable = chip.hbm_bytes * (1.0 - headroom)
   start = time.perf_counter()
   try:
-    # Not through XLA's persistent cache: an executable built for a topology description cannot be loaded back
+    # Not into XLA's persistent cache: an executable built for a topology description cannot be loaded back
     # without a TPU client (--search keeps its own results instead).
-    with jax_config.enable_compilation_cache(False):
+    with jax_config.enable_compilation_cache(False), jax_config.persistent_cache_min_compile_time_secs(1e12):
       compiled = program.fn.lower(*program.args).compile()
   except jax.errors.JaxRuntimeError as e:
     message = str(e)
@@ -636,8 +638,14 @@ def compile_program(program: Program, chip: Chip, chips: int, headroom: float = 
   hlo = analyse_hlo(compiled.as_text())
   peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
           + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
-  flops = float(cost.get("flops", 0.0)) + hlo.flops_loop_extra
-  traffic = float(cost.get("bytes accessed", 0.0)) + hlo.bytes_loop_extra
+  xla_flops, xla_bytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  # The loops' other iterations in XLA's units: this module's count of them, scaled by XLA's cost over this
+  # module's count of the program as XLA costs it (every loop once). FLOPs agree to within 1-2%; bytes are
+  # counted differently (XLA's TPU model knows which buffers stay in on-chip memory), hence the scale.
+  flops_scale = xla_flops / max(hlo.flops_estimate - hlo.flops_loop_extra, 1.0)
+  bytes_scale = xla_bytes / max(hlo.bytes_estimate - hlo.bytes_loop_extra, 1.0)
+  flops = xla_flops + flops_scale * hlo.flops_loop_extra
+  traffic = xla_bytes + bytes_scale * hlo.bytes_loop_extra
   received = sum(c["received_bytes"] for c in hlo.collectives.values())
   model_flops = program.model_flops / chips if program.model_flops else flops
   times = {"compute": flops / chip.peak_bf16_flops, "hbm": traffic / chip.hbm_bandwidth,
@@ -650,9 +658,9 @@ def compile_program(program: Program, chip: Chip, chips: int, headroom: float = 
               "aliases": memory.alias_size_in_bytes, "temporaries": memory.temp_size_in_bytes,
               "code": memory.generated_code_size_in_bytes},
       "flops_per_chip": flops, "model_flops_per_chip": model_flops, "hbm_traffic_bytes_per_chip": traffic,
-      "xla_cost_analysis": {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))},
-      "loops": {"trip_counts": hlo.loop_trip_counts, "flops_added": hlo.flops_loop_extra,
-                "bytes_added": hlo.bytes_loop_extra},
+      "xla_cost_analysis": {"flops": xla_flops, "bytes_accessed": xla_bytes},
+      "loops": {"trip_counts": hlo.loop_trip_counts, "flops_added": flops - xla_flops,
+                "bytes_added": traffic - xla_bytes, "flops_scale": flops_scale, "bytes_scale": bytes_scale},
       "collectives": hlo.collectives, "collective_bytes_received_per_chip": received,
       "time_s": times, "bound_by": max(times, key=times.get), "step_time_bound_s": bound,
       "mfu_bound": model_flops / (bound * chip.peak_bf16_flops) if bound else None,
@@ -696,7 +704,7 @@ def plan(cfg, devices: Sequence, topology: str, *, programs: Sequence[str] = ("t
   result.update(mesh={"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"]}, batch_size=cfg.batch_size,
                 model=dict(cfg.model), remat_policy=cfg.model.remat_policy, dtype=cfg.model.dtype,
                 grad_accum_steps=cfg.optim.grad_accum_steps, sample_batch=sample_batch,
-                state_bytes_per_chip=state_bytes_per_chip(cfg, mesh))
+                state_bytes=state_bytes(cfg, mesh)[0], state_bytes_per_chip=state_bytes(cfg, mesh)[1])
   todo = []
   if "train_step" in programs:
     todo.append(train_program(cfg, mesh))
@@ -713,12 +721,13 @@ def plan(cfg, devices: Sequence, topology: str, *, programs: Sequence[str] = ("t
   return result
 
 
-def state_bytes_per_chip(cfg, mesh) -> float:
-  """Bytes of one chip's shard of the train state (params, EMA, AdamW moments, step, rng), from its shardings."""
+def state_bytes(cfg, mesh) -> tuple[float, float]:
+  """(whole, one chip's shard) bytes of the train state (params, EMA, AdamW moments, step, rng), from its shardings."""
   model = config_lib.build_model(cfg.model)
-  tx = state_lib.make_optimizer(cfg.optim)
-  abstract, _ = state_lib.abstract_train_state(model, tx, mesh, cfg.sharding)
-  return float(sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(abstract)))
+  abstract, _ = state_lib.abstract_train_state(model, state_lib.make_optimizer(cfg.optim), mesh, cfg.sharding)
+  leaves = jax.tree.leaves(abstract)
+  return (float(sum(math.prod(a.shape) * a.dtype.itemsize for a in leaves)),
+          float(sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in leaves)))
 
 
 # ------------------------------------------------------------------------------------------------------- the search
@@ -763,7 +772,7 @@ def search(cfg, devices: Sequence, topology: str, *, fsdp=None, remat=None, accu
     c = candidate_config(cfg, chips, f, r, a)
     mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, devices=devices)
     row = {"data": chips // f, "fsdp": f, "remat_policy": r, "grad_accum_steps": a}
-    state = state_bytes_per_chip(c, mesh)
+    state = state_bytes(c, mesh)[1]
     if state >= usable:
       tried.append({**row, "fits": False, "compiled": False, "state_bytes_per_chip": state,
                     "skipped": "the state shard alone exceeds the usable HBM"})
