@@ -417,22 +417,39 @@ def _flops(i: _Instruction, local, by_name, computations) -> float:
     contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", i.attrs)
     k = math.prod(lhs[int(d)] for d in contracting.group(1).split(",") if d) if contracting else 1
     return 2.0 * out * k
-  if i.opcode == "convolution":  # TPU HLO writes dots as convolutions, batch dims as dilated windows
-    kernel = _dims(_operand_type(i.operands[1], local, by_name))
-    labels = re.search(r"dim_labels=\w+_(\w+)->", i.attrs)
-    if not kernel or not labels or "i" not in labels.group(1):
-      return 0.0
-    size = re.search(r"window=\{[^}]*size=([\dx]+)", i.attrs)
-    dilation = re.search(r"window=\{[^}]*lhs_dilate=([\dx]+)", i.attrs)
-    sizes = [int(s) for s in size.group(1).split("x")] if size else []
-    dilations = [int(d) for d in dilation.group(1).split("x")] if dilation else [1] * len(sizes)
-    taps = math.prod(-(-s // d) for s, d in zip(sizes, dilations))  # window taps that land on input elements
-    return 2.0 * out * kernel[labels.group(1).index("i")] * taps
+  if i.opcode == "convolution":
+    return _convolution_flops(i, out, local, by_name)
   if i.opcode in _ELEMENTWISE:
     return float(out)
   if i.opcode in ("reduce", "reduce-window"):
     return float(sum(math.prod(_dims(_operand_type(o, local, by_name)) or [0]) for o in i.operands[:1]))
   return 0.0
+
+
+def _convolution_flops(i: _Instruction, out: int, local, by_name) -> float:
+  """2 × outputs × input features × the window taps that land on input elements (not on padding or dilation holes):
+  TPU HLO writes every dot as a convolution, its batch and head dimensions as padded or dilated windows."""
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", i.attrs)
+  lhs = _dims(_operand_type(i.operands[0], local, by_name))
+  kernel = _dims(_operand_type(i.operands[1], local, by_name))
+  if not labels or not kernel or "i" not in labels.group(2):
+    return 0.0
+  lhs_labels, out_labels, out_dims = labels.group(1), labels.group(3), _dims(i.type)
+  window = re.search(r"window=\{([^}]*)\}", i.attrs)
+  fields = dict(f.split("=", 1) for f in window.group(1).split()) if window else {}
+  spatial = sorted(c for c in lhs_labels if c.isdigit())
+  per_dim = lambda key, default: [int(v) for v in fields[key].split("x")] if key in fields else [default] * len(spatial)
+  sizes, strides = per_dim("size", 1), per_dim("stride", 1)
+  lhs_dilation, rhs_dilation = per_dim("lhs_dilate", 1), per_dim("rhs_dilate", 1)
+  pads = [int(p.split("_")[0]) for p in fields["pad"].split("x")] if "pad" in fields else [0] * len(spatial)
+  taps = 1.0
+  for d, name in enumerate(spatial):
+    length = (lhs[lhs_labels.index(name)] - 1) * lhs_dilation[d] + 1
+    outputs = out_dims[out_labels.index(name)]
+    valid = sum(1 for o in range(outputs) for k in range(sizes[d])
+                if 0 <= (p := o * strides[d] + k * rhs_dilation[d] - pads[d]) < length and p % lhs_dilation[d] == 0)
+    taps *= valid / max(outputs, 1)
+  return 2.0 * out * kernel[labels.group(2).index("i")] * taps
 
 
 def _traffic(i: _Instruction, local, by_name, computations) -> float:
