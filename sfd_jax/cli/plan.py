@@ -1,6 +1,6 @@
 """Plans a pod run without the pod: compiles the real steps of a config for a TPU slice on any host (needs libtpu).
 
-  python -m sfd_jax.cli.plan --config=configs/sfd_xl.py --topology=v5e-64 \
+  python -m sfd_jax.cli.plan --config=configs/sfd_xl.py --topology=v5e-64 \\
       --config.model.dtype=bfloat16 --config.model.remat_policy=dots_saveable --config.mesh.fsdp=8 --json=plan.json
   python -m sfd_jax.cli.plan --config=configs/sfd_xxl.py --topology=v5e-64 --config.model.dtype=bfloat16 --search
 
