@@ -6,6 +6,7 @@ fake CPU devices, a GPU, and a TPU pod.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -51,6 +52,35 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   """Leading axis split over every device, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_devices(mesh) -> int:
+  """How many ways a batch is split: the product of the BATCH_AXES sizes."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def traced_with_mesh(mesh: Mesh, fn):
+  """fn, traced with `mesh` in context (`jax.sharding.use_abstract_mesh`): what `constrain_batch` and the TPU
+  attention kernel (`models.layers.attention`) read. Wrap a step with it before jitting it for `mesh`."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
+
+
+def constrain_batch(x):
+  """x with its leading (batch) axis split over every device of the mesh in context (`traced_with_mesh`), as the
+  step's batch is.
+
+  Called on the activations a scanned layer carries, so that XLA keeps the batch split inside the loop instead of
+  re-laying the activations out to suit the (FSDP-sharded) weights. Without a mesh in context, or for a batch
+  the devices do not divide (one sample of the sampler's vmap), x is returned unchanged.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or x.shape[0] % batch_devices(mesh):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
 
 
 def check_batch_size(mesh: Mesh, global_batch: int, what: str = "batch_size") -> int:

@@ -33,6 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
+from sfd_jax import sharding as shd
+from sfd_jax.models.layers import cast_kernels
+
 METHODS = ("dopri5", "euler", "heun")
 ERROR_NORMS = ("per_sample", "batch")
 INTERVAL_MODES = ("both", "tex", "sem")
@@ -92,13 +95,23 @@ def _phases(delta_t: float) -> list[tuple[float, float, bool, bool]]:
 # Velocity functions: the plain model and the two guidance rules (spec §1.7), all 48 channels.
 
 
+def _compute_weights(model, variables):
+  """The weights in the model's compute dtype (a flax model with a `dtype` field), cast once here rather than
+  in each of the solver's model calls."""
+  dtype = getattr(model, "dtype", None)
+  return variables if dtype is None else cast_kernels(variables, dtype)
+
+
 def _apply(model, variables, x, t_tex, t_sem, y):
   return model.apply(variables, x, t_tex, t_sem, y)
 
 
 def model_velocity(model, variables):
-  """velocity_fn of an unguided flax model: `model.apply(variables, x, t_tex, t_sem, y)`."""
-  return Partial(_apply, model, variables)
+  """velocity_fn of an unguided flax model: `model.apply(variables, x, t_tex, t_sem, y)`.
+
+  The velocity functions hold the matmul weights in the model's compute dtype (`_compute_weights`).
+  """
+  return Partial(_apply, model, _compute_weights(model, variables))
 
 
 def _check_interval_mode(mode: str):
@@ -135,7 +148,7 @@ def cfg_velocity(model, variables, scale, null_label: int, interval_start: float
                  interval_mode: str = "both", semantic_channels: int = 16):
   """Classifier-free guidance: one forward of the doubled batch [y | null], then `guide` with one scale."""
   _check_interval_mode(interval_mode)
-  return Partial(_cfg, model, variables, scale, null_label, interval_start, interval_mode, semantic_channels)
+  return Partial(_cfg, model, _compute_weights(model, variables), scale, null_label, interval_start, interval_mode, semantic_channels)
 
 
 def _autoguidance(model, variables, guide_model, guide_variables, scale_tex, scale_sem, interval_start,
@@ -149,7 +162,8 @@ def autoguidance_velocity(model, variables, guide_model, guide_variables, scale_
                           interval_start: float = 0.0, interval_mode: str = "both", semantic_channels: int = 16):
   """AutoGuidance: a weaker model guides, receiving the *conditional* label; separate texture/semantic scales."""
   _check_interval_mode(interval_mode)
-  return Partial(_autoguidance, model, variables, guide_model, guide_variables, scale_tex, scale_sem,
+  return Partial(_autoguidance, model, _compute_weights(model, variables), guide_model,
+                 _compute_weights(guide_model, guide_variables), scale_tex, scale_sem,
                  interval_start, interval_mode, semantic_channels)
 
 
@@ -277,6 +291,14 @@ def _fixed_grid(velocity_fn, z, y, grid: np.ndarray, delta_t, method, semantic_c
   return final
 
 
+def _batch_axes(batch: int):
+  """The mesh axes the per-sample solves are split over: those of the batch when a mesh is in context
+  (`sharding.traced_with_mesh`), so that the vmapped model stays sharded (and the TPU attention kernel runs on
+  each device's samples)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or batch % shd.batch_devices(mesh) else shd.BATCH_AXES
+
+
 def _check(z, y, delta_t, method, num_steps, error_norm, semantic_channels):
   if method not in METHODS:
     raise ValueError(f"sampling method {method!r} is not one of {METHODS}")
@@ -320,7 +342,7 @@ def sample(velocity_fn, z, y, delta_t: float = 0.3, method: str = "dopri5", num_
     final, steps = solve(z, y)
     steps = jnp.broadcast_to(steps, (b, *steps.shape))
   else:
-    final, steps = jax.vmap(lambda zi, yi: solve(zi[None], yi[None]))(z, y)
+    final, steps = jax.vmap(lambda zi, yi: solve(zi[None], yi[None]), spmd_axis_name=_batch_axes(b))(z, y)
     final = final[:, 0]
   # Per phase: the velocity at its start where the previous phase did not end there, and 6 stages per attempted
   # step. The samples step together (one batched call per stage), so the slowest sample of a phase sets its count.

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from sfd_jax.errors import UserError
+from sfd_jax.sharding import constrain_batch
 from sfd_jax.models.layers import (RMSNorm, SwiGLU, apply_rope, attention, dense, modulate, rope_2d, sincos_2d,
                                    swiglu_hidden, timestep_embedding)
 
@@ -198,7 +199,7 @@ class LightningDiT(nn.Module):
     block, rope = self.block(), rope_2d(self.head_dim, self.grid_size)
 
     def layer(x, params):
-      return block.apply({"params": params}, x, c, *rope), None
+      return block.apply({"params": params}, constrain_batch(x), c, *rope), None
 
     if self.remat_policy != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)

@@ -11,6 +11,7 @@ they reproduce the official float64 (sin-cos) and float32 (RoPE) recipes exactly
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -18,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sfd_jax.models import tpu_attention
 
 Dtype = Any
 
@@ -29,21 +32,32 @@ def dense(features: int, dtype: Dtype, name: str | None = None, kernel_init=nn.i
                   name=name)
 
 
+def cast_kernels(variables, dtype):
+  """`variables` with every matmul weight (the `kernel` leaves of Dense and Conv) in the compute `dtype`: what
+  each layer casts it to anyway, done once, e.g. before a sampler's ODE loop rather than in every model call."""
+  def cast(path, x):
+    return x.astype(dtype) if getattr(path[-1], "key", None) == "kernel" else x
+  return jax.tree_util.tree_map_with_path(cast, variables)
+
+
 def attention(q, k, v):
   """softmax(q·kᵀ/√head_dim)·v over (B, N, heads, head_dim) arrays, in q's dtype with a float32 softmax.
 
-  The one attention of every network here; the kernel is chosen in this one place: cuDNN flash attention on
-  NVIDIA GPUs where it applies (bfloat16/float16, head_dim a multiple of 8 up to 128), XLA's
-  einsum-softmax-einsum elsewhere (CPU, where it is what the parity tests check, and TPU, where XLA fuses the
-  softmax into the two matmuls).
+  The one attention of every network here; the kernel is chosen in this one place, for the platform the program
+  is compiled for: on TPU the Pallas kernels of `tpu_attention` (scores kept in VMEM), when a mesh is in context
+  (the jitted steps enter theirs) and a sample's working set fits on chip; on NVIDIA GPUs cuDNN flash attention
+  where it applies (bfloat16/float16, head_dim a multiple of 8 up to 128); otherwise XLA's
+  einsum-softmax-einsum (CPU, where the parity tests check it).
   """
-  v = v.astype(q.dtype)
-  k = k.astype(q.dtype)
+  k, v = k.astype(q.dtype), v.astype(q.dtype)
   head_dim = q.shape[-1]
   if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
       and head_dim <= 128):
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-  return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  xla = functools.partial(jax.nn.dot_product_attention, implementation="xla")
+  if not jax.sharding.get_abstract_mesh().empty and tpu_attention.fits(q):
+    return jax.lax.platform_dependent(q, k, v, tpu=tpu_attention.attention, default=xla)
+  return xla(q, k, v)
 
 
 def rms_normalize(x, eps: float = 1e-6):

@@ -85,6 +85,6 @@ def make_train_step(loss_fn: Callable, tx, cfg, mesh: Mesh, shardings: TrainStat
     raise shd.ShardingError(
         f"batch_size {cfg.batch_size} must be divisible by the {mesh.devices.size} devices × "
         f"{cfg.optim.grad_accum_steps} micro-batches (optim.grad_accum_steps); change one of them")
-  step = lambda state, batch: train_step(state, batch, loss_fn=loss_fn, tx=tx, cfg=cfg)
+  step = shd.traced_with_mesh(mesh, lambda state, batch: train_step(state, batch, loss_fn=loss_fn, tx=tx, cfg=cfg))
   return jax.jit(step, in_shardings=(shardings, shd.batch_sharding(mesh)),
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
