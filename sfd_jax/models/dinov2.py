@@ -125,10 +125,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    b, n, d = x.shape
-    qkv = _dense(3 * d, self.dtype, "qkv")(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-    out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-    return _dense(d, self.dtype, "proj")(out.reshape(b, n, d))
+    d = x.shape[-1]
+    return _dense(d, self.dtype, "proj")(attention(_dense(3 * d, self.dtype, "qkv")(x), self.num_heads))
 
 
 class Mlp(nn.Module):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from sfd_jax.errors import UserError
 from sfd_jax.sharding import constrain_batch
-from sfd_jax.models.layers import (RMSNorm, SwiGLU, apply_rope, attention, dense, modulate, rope_2d, sincos_2d,
+from sfd_jax.models.layers import (NormWeight, RMSNorm, SwiGLU, attention, dense, modulate, rope_2d, sincos_2d,
                                    swiglu_hidden, timestep_embedding)
 
 Dtype = Any
@@ -66,20 +66,19 @@ class TimestepEmbedder(nn.Module):
 class Attention(nn.Module):
   """Multi-head self-attention with per-head RMSNorm on q and k (one weight shared by all heads) and 2-D RoPE.
 
-  The norms and RoPE run in float32 and are cast to `dtype` once, as the attention's input.
+  The norms and RoPE run in float32 and are cast to `dtype` once, as the attention's input (inside the attention
+  kernel where there is one: `layers.attention`).
   """
   num_heads: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, rope_cos, rope_sin):
-    b, n, d = x.shape
-    qkv = _dense(3 * d, self.dtype, "qkv")(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = apply_rope(RMSNorm(name="q_norm")(q), rope_cos, rope_sin).astype(self.dtype)
-    k = apply_rope(RMSNorm(name="k_norm")(k), rope_cos, rope_sin).astype(self.dtype)
-    out = attention(q, k, v)
-    return _dense(d, self.dtype, "proj")(out.reshape(b, n, d))
+    d = x.shape[-1]
+    head_dim = d // self.num_heads
+    qkv = _dense(3 * d, self.dtype, "qkv")(x)
+    norm_rope = (NormWeight(head_dim, name="q_norm")(), NormWeight(head_dim, name="k_norm")(), rope_cos, rope_sin)
+    return _dense(d, self.dtype, "proj")(attention(qkv, self.num_heads, norm_rope))
 
 
 class LightningDiTBlock(nn.Module):

@@ -11,7 +11,6 @@ they reproduce the official float64 (sin-cos) and float32 (RoPE) recipes exactly
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -40,24 +39,42 @@ def cast_kernels(variables, dtype):
   return jax.tree_util.tree_map_with_path(cast, variables)
 
 
-def attention(q, k, v):
-  """softmax(q·kᵀ/√head_dim)·v over (B, N, heads, head_dim) arrays, in q's dtype with a float32 softmax.
+def attention(qkv, num_heads: int, norm_rope=None, eps: float = 1e-6):
+  """Multi-head self-attention of a fused qkv projection (B, N, 3·D), [q | k | v] each head-major → (B, N, D),
+  softmax(q·kᵀ/√head_dim)·v in qkv's dtype with a float32 softmax.
 
-  The one attention of every network here; the kernel is chosen in this one place, for the platform the program
-  is compiled for: on TPU the Pallas kernels of `tpu_attention` (scores kept in VMEM), when a mesh is in context
-  (the jitted steps enter theirs) and a sample's working set fits on chip; on NVIDIA GPUs cuDNN flash attention
-  where it applies (bfloat16/float16, head_dim a multiple of 8 up to 128); otherwise XLA's
-  einsum-softmax-einsum (CPU, where the parity tests check it).
+  `norm_rope` = (q_weight, k_weight, cos, sin): q and k are first RMS-normalised per head, times the (head_dim,)
+  weights shared by all heads, and rotated by RoPE with (N, head_dim) tables (the DiT's QK-norm), in float32.
+
+  The one attention of every network here; the implementation is chosen in this one place, for the platform the
+  program is compiled for: on TPU the Pallas kernels of `tpu_attention` (QK-norm, RoPE and scores kept in VMEM),
+  when a mesh is in context (`sharding.traced_with_mesh`; the jitted steps enter theirs) and a sample's working
+  set fits on chip; on NVIDIA GPUs cuDNN flash attention where it applies (bfloat16/float16, head_dim a multiple
+  of 8 up to 128); otherwise XLA's einsum-softmax-einsum (CPU, where the parity tests check it).
   """
-  k, v = k.astype(q.dtype), v.astype(q.dtype)
-  head_dim = q.shape[-1]
-  if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+  b, n, three_d = qkv.shape
+  head_dim = three_d // 3 // num_heads
+
+  def split_heads(qkv):
+    qkv = qkv.reshape(b, n, 3, num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if norm_rope is not None:
+      wq, wk, cos, sin = norm_rope
+      q = apply_rope(rms_normalize(q, eps) * wq, cos, sin).astype(qkv.dtype)
+      k = apply_rope(rms_normalize(k, eps) * wk, cos, sin).astype(qkv.dtype)
+    return q, k, v
+
+  def xla(qkv):
+    return jax.nn.dot_product_attention(*split_heads(qkv), implementation="xla").reshape(b, n, -1)
+
+  if (jax.default_backend() == "gpu" and qkv.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
       and head_dim <= 128):
-    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-  xla = functools.partial(jax.nn.dot_product_attention, implementation="xla")
-  if not jax.sharding.get_abstract_mesh().empty and tpu_attention.fits(q):
-    return jax.lax.platform_dependent(q, k, v, tpu=tpu_attention.attention, default=xla)
-  return xla(q, k, v)
+    return jax.nn.dot_product_attention(*split_heads(qkv), implementation="cudnn").reshape(b, n, -1)
+  if (not jax.sharding.get_abstract_mesh().empty
+      and tpu_attention.fits(n, three_d // 3, jnp.dtype(qkv.dtype).itemsize)):
+    kernels = lambda qkv: tpu_attention.attention(qkv, num_heads, norm_rope, eps)
+    return jax.lax.platform_dependent(qkv, tpu=kernels, default=xla)
+  return xla(qkv)
 
 
 def rms_normalize(x, eps: float = 1e-6):
@@ -76,6 +93,16 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
     return (rms_normalize(x, self.eps) * scale).astype(self.dtype)
+
+
+class NormWeight(nn.Module):
+  """A norm's learnable per-channel weight `scale` (init 1), for a caller that applies the norm itself (the
+  DiT's QK-norm, fused into the attention kernel)."""
+  features: int
+
+  @nn.compact
+  def __call__(self):
+    return self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
 
 
 def swiglu_hidden(width: int, mlp_ratio: float) -> int:

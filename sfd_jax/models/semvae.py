@@ -31,12 +31,10 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    b, n, d = x.shape
+    d = x.shape[-1]
     linear = lambda f, name: dense(f, self.dtype, name, nn.initializers.xavier_uniform())
     norm = lambda name: nn.LayerNorm(1e-6, dtype=self.dtype, param_dtype=jnp.float32, name=name)
-    qkv = linear(3 * d, "qkv")(norm("norm1")(x)).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-    attn = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, n, d)
-    x = x + linear(d, "proj")(attn)
+    x = x + linear(d, "proj")(attention(linear(3 * d, "qkv")(norm("norm1")(x)), self.num_heads))
     h = nn.gelu(linear(int(d * self.mlp_ratio), "fc1")(norm("norm2")(x)), approximate=False)
     return x + linear(d, "fc2")(h)
 

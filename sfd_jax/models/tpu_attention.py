@@ -1,19 +1,22 @@
-"""Softmax attention as one Pallas kernel per direction on TPU, for sequences that fit on chip.
+"""Multi-head self-attention as one Pallas kernel per direction on TPU, for sequences that fit on chip.
 
 At the sequence lengths of SFD (256 tokens at 256 px, 261 for DINOv2 at 224 px) a whole head's scores fit in
-VMEM, so neither kernel tiles the sequence: the forward kernel reads q, k, v and writes the output, the backward
-kernel reads q, k, v and the output's cotangent and writes dq, dk, dv; the scores and probabilities never reach
-HBM (XLA's einsum-softmax-einsum writes and reads them in float32, three times per layer in training). The
-backward kernel recomputes the softmax from q and k and uses rowsum(p·dp) for rowsum(o·do) (they are equal), so
-the forward pass saves nothing beyond its inputs.
+VMEM, so neither kernel tiles the sequence. The forward kernel reads the qkv projection (B, N, 3·D) and writes the
+output (B, N, D); the backward kernel reads qkv and the output's cotangent and writes d(qkv). Nothing else
+reaches HBM: not the scores and probabilities (XLA's einsum-softmax-einsum writes and reads them in float32,
+three times per layer in training), not q, k, v split into heads (a (…, head_dim) layout pads head_dim, 72 for
+XL, to 128 lanes), and for the DiT not the QK-norm and RoPE either, which both kernels apply to q and k in VMEM
+(the backward kernel recomputes them and also returns the norm weights' gradients per sample). The backward
+kernel recomputes the softmax and uses rowsum(p·dp) for rowsum(o·do) (they are equal), so the forward pass saves
+nothing but its input.
 
-Both kernels take (B, N, heads·head_dim) arrays, the layout the qkv projection writes and the output projection
-reads, and slice the heads inside VMEM: a (…, head_dim) layout would pad head_dim (72 for XL) to 128 lanes in HBM.
-One grid step handles one sample. Each `pallas_call` carries a `pl.CostEstimate` (its matmul FLOPs, exponentials
-and HBM bytes) so that XLA's cost model, and with it the plan tool, still sees the attention.
+RoPE's pair rotation (x[2i], x[2i+1]) → (−x[2i+1], x[2i]) is a signed permutation, applied as a matmul with a
+(head_dim × head_dim) ±1 matrix on the MXU, exactly: the float32 operand is split into two bfloat16 parts.
 
-The kernels see one device's shard: `attention` wraps them in `jax.shard_map` over the batch axes of the mesh in
-context (Mosaic kernels are not partitioned automatically).
+One grid step handles one sample. Each `pallas_call` carries a `pl.CostEstimate` (matmul FLOPs, exponentials, HBM
+bytes) so that XLA's cost model, and the plan tool with it, sees the attention. The kernels see one device's
+shard: `attention` wraps them in `jax.shard_map` over the batch axes of the mesh in context (Mosaic kernels are
+not partitioned automatically).
 """
 from __future__ import annotations
 
@@ -22,27 +25,57 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from sfd_jax import sharding as shd
 
-# The kernels keep a sample's q, k, v, output (and cotangents), double-buffered, and one head's scores in VMEM.
+# A sample's qkv, output and cotangents, double-buffered, and one head's scores stay in VMEM.
 _VMEM_LIMIT = 32 * 2 ** 20
 _VMEM_BUDGET = 24 * 2 ** 20
+_F32 = jnp.float32
 
 
-def fits(q) -> bool:
-  """Whether the backward kernel's working set for (B, N, heads, head_dim) q fits the VMEM budget."""
-  _, n, h, d = q.shape
-  blocks = 2 * 7 * n * h * d * jnp.dtype(q.dtype).itemsize  # q, k, v, do in; dq, dk, dv out; double-buffered
-  scores = 4 * n * n * 4                                     # s, p, dp, ds of one head, float32
-  return blocks + scores <= _VMEM_BUDGET
+def fits(n: int, width: int, itemsize: int) -> bool:
+  """Whether the backward kernel's working set for N tokens of width D fits the VMEM budget."""
+  blocks = 2 * (3 + 1 + 3) * n * width * itemsize  # qkv, do in; dqkv out; double-buffered
+  return blocks + 4 * n * n * 4 <= _VMEM_BUDGET     # s, p, dp, ds of one head, float32
 
 
-def _scores(q, k, scale):
-  return jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+def rotation(head_dim: int) -> np.ndarray:
+  """R with x·R = rot(x): rot(x)[2i] = −x[2i+1], rot(x)[2i+1] = x[2i] (RoPE's pairs)."""
+  r = np.zeros((head_dim, head_dim), np.float32)
+  i = np.arange(0, head_dim, 2)
+  r[i + 1, i], r[i, i + 1] = -1.0, 1.0
+  return r
+
+
+def _exact_dot(x, r, transpose: bool = False):
+  """x·R (or x·Rᵀ) for a ±1 permutation R, exact to float32 rounding: x = hi + lo in bfloat16, two matmuls."""
+  hi = x.astype(jnp.bfloat16)
+  lo = (x - hi.astype(_F32)).astype(jnp.bfloat16)
+  dims = (((1,), (1 if transpose else 0,)), ((), ()))
+  dot = lambda a: jax.lax.dot_general(a, r, dims, preferred_element_type=_F32)
+  return dot(hi) + dot(lo)
+
+
+def _norm_rope(x, w, cos, sin, r, eps):
+  """RMS-normalise rows of x (times w), then RoPE; float32. Also returns (n, 1/rms) for the backward pass."""
+  x = x.astype(_F32)
+  inv = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  n = x * inv
+  y = n * w
+  return y * cos + _exact_dot(y, r) * sin, n, inv
+
+
+def _norm_rope_vjp(dout, n, inv, w, cos, sin, r):
+  """(dx, dw) of `_norm_rope` from the cotangent of its output."""
+  dy = dout * cos + _exact_dot(dout * sin, r, transpose=True)
+  dn = dy * w
+  dx = inv * (dn - n * jnp.mean(dn * n, axis=-1, keepdims=True))
+  return dx, jnp.sum(dy * n, axis=0, keepdims=True)
 
 
 def _softmax(s):
@@ -50,74 +83,160 @@ def _softmax(s):
   return p / jnp.sum(p, axis=-1, keepdims=True)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *, heads: int, scale: float):
-  d = q_ref.shape[-1] // heads
-  for h in range(heads):
-    cols = slice(h * d, (h + 1) * d)
-    v = v_ref[0, :, cols]
-    p = _softmax(_scores(q_ref[0, :, cols], k_ref[0, :, cols], scale))
-    o_ref[0, :, cols] = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(o_ref.dtype)
+_NT = (((1,), (1,)), ((), ()))  # a·bᵀ
+_TN = (((0,), (0,)), ((), ()))  # aᵀ·b
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, *, heads: int, scale: float):
-  d = q_ref.shape[-1] // heads
-  t = (((0,), (0,)), ((), ()))  # contract the rows of both operands: aᵀ·b
-  for h in range(heads):
-    cols = slice(h * d, (h + 1) * d)
-    q, k, v, do = q_ref[0, :, cols], k_ref[0, :, cols], v_ref[0, :, cols], do_ref[0, :, cols]
-    p = _softmax(_scores(q, k, scale))
-    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    ds = (p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * scale).astype(q.dtype)
-    dv_ref[0, :, cols] = jax.lax.dot_general(p.astype(do.dtype), do, t, preferred_element_type=jnp.float32
-                                             ).astype(dv_ref.dtype)
-    dq_ref[0, :, cols] = jnp.dot(ds, k, preferred_element_type=jnp.float32).astype(dq_ref.dtype)
-    dk_ref[0, :, cols] = jax.lax.dot_general(ds, q, t, preferred_element_type=jnp.float32).astype(dk_ref.dtype)
+def _heads(qkv_ref, heads: int):
+  """Per head: the column slices of q, k, v in the (N, 3·D) block."""
+  d = qkv_ref.shape[-1] // 3
+  hd = d // heads
+  return [(slice(h * hd, (h + 1) * hd), slice(d + h * hd, d + (h + 1) * hd),
+           slice(2 * d + h * hd, 2 * d + (h + 1) * hd), slice(h * hd, (h + 1) * hd)) for h in range(heads)]
 
 
-def _call(kernel, inputs, outputs: int, heads: int, matmuls: int, interpret: bool):
-  """One kernel over the batch: grid step i reads and writes sample i of every (B, N, D) array."""
-  b, n, width = inputs[0].shape
-  spec = pl.BlockSpec((1, n, width), lambda i: (i, 0, 0))
-  itemsize = jnp.dtype(inputs[0].dtype).itemsize
-  cost = pl.CostEstimate(flops=2 * matmuls * b * n * n * width, transcendentals=b * heads * n * n,
-                         bytes_accessed=(len(inputs) + outputs) * b * n * width * itemsize)
-  out = pl.pallas_call(
-      kernel, grid=(b,), in_specs=[spec] * len(inputs), out_specs=[spec] * outputs,
-      out_shape=[jax.ShapeDtypeStruct(inputs[0].shape, inputs[0].dtype)] * outputs,
+def _forward_kernel(*refs, heads: int, scale: float, norm: bool, eps: float):
+  if norm:
+    qkv_ref, wq_ref, wk_ref, cos_ref, sin_ref, r_ref, o_ref = refs
+  else:
+    qkv_ref, o_ref = refs
+  dtype = qkv_ref.dtype
+  for qs, ks, vs, os_ in _heads(qkv_ref, heads):
+    q, k, v = qkv_ref[0, :, qs], qkv_ref[0, :, ks], qkv_ref[0, :, vs]
+    if norm:
+      tables = (cos_ref[...], sin_ref[...], r_ref[...])
+      q = _norm_rope(q, wq_ref[...], *tables, eps)[0].astype(dtype)
+      k = _norm_rope(k, wk_ref[...], *tables, eps)[0].astype(dtype)
+    p = _softmax(jax.lax.dot_general(q, k, _NT, preferred_element_type=_F32) * scale)
+    o_ref[0, :, os_] = jnp.dot(p.astype(dtype), v, preferred_element_type=_F32).astype(o_ref.dtype)
+
+
+def _backward_kernel(*refs, heads: int, scale: float, norm: bool, eps: float):
+  if norm:
+    qkv_ref, wq_ref, wk_ref, cos_ref, sin_ref, r_ref, do_ref, dqkv_ref, dw_ref = refs
+    tables = (cos_ref[...], sin_ref[...], r_ref[...])
+    dwq = dwk = jnp.zeros((1, wq_ref.shape[-1]), _F32)
+  else:
+    qkv_ref, do_ref, dqkv_ref = refs
+  dtype = qkv_ref.dtype
+  for qs, ks, vs, os_ in _heads(qkv_ref, heads):
+    q, k, v, do = qkv_ref[0, :, qs], qkv_ref[0, :, ks], qkv_ref[0, :, vs], do_ref[0, :, os_]
+    if norm:
+      q, nq, iq = _norm_rope(q, wq_ref[...], *tables, eps)
+      k, nk, ik = _norm_rope(k, wk_ref[...], *tables, eps)
+      q, k = q.astype(dtype), k.astype(dtype)
+    p = _softmax(jax.lax.dot_general(q, k, _NT, preferred_element_type=_F32) * scale)
+    dp = jax.lax.dot_general(do, v, _NT, preferred_element_type=_F32)
+    ds = (p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * scale).astype(dtype)
+    dq = jnp.dot(ds, k, preferred_element_type=_F32)
+    dk = jax.lax.dot_general(ds, q, _TN, preferred_element_type=_F32)
+    if norm:
+      dq, dwq_h = _norm_rope_vjp(dq, nq, iq, wq_ref[...], *tables)
+      dk, dwk_h = _norm_rope_vjp(dk, nk, ik, wk_ref[...], *tables)
+      dwq, dwk = dwq + dwq_h, dwk + dwk_h
+    dqkv_ref[0, :, qs] = dq.astype(dqkv_ref.dtype)
+    dqkv_ref[0, :, ks] = dk.astype(dqkv_ref.dtype)
+    dqkv_ref[0, :, vs] = jax.lax.dot_general(p.astype(dtype), do, _TN, preferred_element_type=_F32
+                                             ).astype(dqkv_ref.dtype)
+  if norm:
+    dw_ref[0, 0:1, :] = dwq
+    dw_ref[0, 1:2, :] = dwk
+
+
+def _cost(qkv, heads: int, backward: bool, norm: bool) -> pl.CostEstimate:
+  """Per sample: 2 (forward) or 5 (backward) attention matmuls, the RoPE rotations, exp and rsqrt; the bytes of
+  qkv, the output and (backward) the cotangent and d(qkv)."""
+  b, n, three_d = qkv.shape
+  d = three_d // 3
+  hd = d // heads
+  matmuls = 5 if backward else 2
+  flops = 2 * matmuls * n * n * d
+  if norm:
+    flops += (3 if backward else 2) * 2 * 2 * 2 * n * hd * d  # q and k, hi and lo parts (and the vjp's)
+  arrays = (3 + 1 + 3) if backward else (3 + 1)
+  return pl.CostEstimate(flops=b * flops, transcendentals=b * heads * (n * n + (2 * n if norm else 0)),
+                         bytes_accessed=arrays * b * n * d * jnp.dtype(qkv.dtype).itemsize)
+
+
+def _pallas(kernel, qkv, extra, tail, out_shapes, heads, backward, norm, interpret):
+  """One kernel over the batch: grid step i reads sample i of qkv (and of the arrays in `tail`), the whole of
+  each array in `extra` (weights, tables), and writes sample i of every output."""
+  b, n, _ = qkv.shape
+  sample = lambda x: pl.BlockSpec((1, *x.shape[1:]), lambda i: (i,) + (0,) * (x.ndim - 1))
+  whole = lambda x: pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim)
+  return pl.pallas_call(
+      kernel, grid=(b,),
+      in_specs=[sample(qkv)] + [whole(x) for x in extra] + [sample(x) for x in tail],
+      out_specs=[sample(s) for s in out_shapes], out_shape=out_shapes,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=_VMEM_LIMIT),
-      cost_estimate=cost, interpret=interpret)(*inputs)
-  return out
+      cost_estimate=_cost(qkv, heads, backward, norm), interpret=interpret)(qkv, *extra, *tail)
 
 
-def _on_shards(fn, mesh, batch: int):
-  """fn on each device's rows of the batch (every device computes all of a batch the devices do not divide)."""
-  spec = P(shd.BATCH_AXES) if batch % shd.batch_devices(mesh) == 0 else P()
-  return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+def _on_shards(fn, batch: int, n_rows: int, n_args: int, outputs: int):
+  """fn on each device's rows of the batch (every device computes all of a batch the devices do not divide): the
+  first `n_rows` arguments (qkv, the cotangent) are split by rows, the rest (weights, tables) replicated."""
+  mesh = jax.sharding.get_abstract_mesh()
+  rows = P(shd.BATCH_AXES) if batch % shd.batch_devices(mesh) == 0 else P()
+  in_specs = (*([rows] * n_rows), *([P()] * (n_args - n_rows)))
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(rows,) * outputs, check_vma=False)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _attention(q, k, v, heads, scale, interpret):
-  kernel = functools.partial(_forward_kernel, heads=heads, scale=scale)
-  forward = lambda args: _call(kernel, args, 1, heads, 2, interpret)[0]
-  return _on_shards(forward, jax.sharding.get_abstract_mesh(), q.shape[0])((q, k, v))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _attention(qkv, wq, wk, cos, sin, heads, scale, norm, eps, interpret):
+  return _attention_fwd(qkv, wq, wk, cos, sin, heads, scale, norm, eps, interpret)[0]
 
 
-def _attention_fwd(q, k, v, heads, scale, interpret):
-  return _attention(q, k, v, heads, scale, interpret), (q, k, v)
+def _extra(wq, wk, cos, sin, norm):
+  """The whole-array kernel inputs: norm weights (1, head_dim), RoPE tables (N, head_dim), the rotation R."""
+  if not norm:
+    return ()
+  return (wq[None], wk[None], cos, sin, jnp.asarray(rotation(wq.shape[-1]), jnp.bfloat16))
 
 
-def _attention_bwd(heads, scale, interpret, residuals, do):
-  kernel = functools.partial(_backward_kernel, heads=heads, scale=scale)
-  backward = lambda args: tuple(_call(kernel, args, 3, heads, 5, interpret))
-  return _on_shards(backward, jax.sharding.get_abstract_mesh(), do.shape[0])((*residuals, do))
+def _attention_fwd(qkv, wq, wk, cos, sin, heads, scale, norm, eps, interpret):
+  kernel = functools.partial(_forward_kernel, heads=heads, scale=scale, norm=norm, eps=eps)
+
+  def forward(qkv, *extra):
+    out = jax.ShapeDtypeStruct((*qkv.shape[:-1], qkv.shape[-1] // 3), qkv.dtype)
+    return tuple(_pallas(kernel, qkv, extra, (), [out], heads, False, norm, interpret))
+
+  extra = _extra(wq, wk, cos, sin, norm)
+  out = _on_shards(forward, qkv.shape[0], 1, 1 + len(extra), 1)(qkv, *extra)[0]
+  return out, (qkv, wq, wk, cos, sin)
+
+
+def _attention_bwd(heads, scale, norm, eps, interpret, residuals, do):
+  qkv, wq, wk, cos, sin = residuals
+  kernel = functools.partial(_backward_kernel, heads=heads, scale=scale, norm=norm, eps=eps)
+
+  def backward(qkv, do, *extra):
+    outs = [jax.ShapeDtypeStruct(qkv.shape, qkv.dtype)]
+    if norm:
+      outs.append(jax.ShapeDtypeStruct((qkv.shape[0], 2, wq.shape[-1]), _F32))
+    return tuple(_pallas(kernel, qkv, extra, (do,), outs, heads, True, norm, interpret))
+
+  extra = _extra(wq, wk, cos, sin, norm)
+  out = _on_shards(backward, qkv.shape[0], 2, 2 + len(extra), 1 + norm)(qkv, do, *extra)
+  zeros = lambda x: jnp.zeros_like(x)
+  if not norm:
+    return out[0], zeros(wq), zeros(wk), zeros(cos), zeros(sin)
+  dw = jnp.sum(out[1], axis=0)  # the norm weights are shared by every sample and head
+  return out[0], dw[0].astype(wq.dtype), dw[1].astype(wk.dtype), zeros(cos), zeros(sin)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attention(q, k, v, interpret: bool = False):
-  """softmax(q·kᵀ/√head_dim)·v of (B, N, heads, head_dim) arrays with the kernels above; needs a mesh in context
-  (`jax.sharding.use_abstract_mesh`) and `fits(q)`. `interpret` runs the kernels' jaxpr anywhere (tests)."""
-  b, n, h, d = q.shape
-  flat = lambda x: x.reshape(b, n, h * d)
-  return _attention(flat(q), flat(k), flat(v), h, 1.0 / math.sqrt(d), interpret).reshape(b, n, h, d)
+def attention(qkv, heads: int, norm_rope=None, eps: float = 1e-6, interpret: bool = False):
+  """Self-attention of the qkv projection (B, N, 3·D) ([q | k | v], each head-major) → (B, N, D) with the kernels
+  above; `norm_rope` = (q_weight, k_weight, cos, sin) applies the QK-norm and RoPE first (see
+  `layers.attention`). Needs a mesh in context (`sharding.traced_with_mesh`). `interpret` runs the kernels' jaxpr
+  on any platform (tests)."""
+  hd = qkv.shape[-1] // 3 // heads
+  if norm_rope is None:
+    w, table = jnp.ones((hd,), _F32), jnp.zeros((qkv.shape[1], hd), _F32)
+    return _attention(qkv, w, w, table, table, heads, 1.0 / math.sqrt(hd), False, eps, interpret)
+  wq, wk, cos, sin = norm_rope
+  cos, sin = jnp.asarray(cos, _F32), jnp.asarray(sin, _F32)
+  return _attention(qkv, wq.astype(_F32), wk.astype(_F32), cos, sin, heads, 1.0 / math.sqrt(hd), True, eps,
+                    interpret)
