@@ -36,6 +36,7 @@ RUNTIME = [
     "safetensors>=0.8.0",  # as transformers 5 needs (Colab has it)
     "tensorboardX>=2.6.1",
     "tqdm>=4.66",
+    "matplotlib>=3.9",  # run plots (sfd_jax.plots, Agg canvas); 3.9: the first built for numpy 2
 ]
 
 EXTRAS = {
