@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 import zipfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +22,7 @@ from jax.experimental import multihost_utils
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from sfd_jax import sharding
+from sfd_jax import sharding, storage
 from sfd_jax.console import say
 from sfd_jax.convert import export
 from sfd_jax.convert.dit import load_dit, official_sfd_kwargs
@@ -86,7 +84,7 @@ def load_diffusion_model(path, preset: str = "XL", model_kwargs: dict | None = N
   Official files take their `ema` weights, with the official constructor kwargs of `preset` unless
   `model_kwargs` (official kwargs, e.g. a yaml's or fixture's) are given. New sources go here.
   """
-  path = Path(path)
+  path = storage.path(path)
   if (path / "model.json").exists():
     model, variables, meta = export.load_model(path, dtype=dtype)
     return model, variables, meta.get("official_kwargs", {})
@@ -109,7 +107,7 @@ def load_training_run(workdir, dtype=jnp.float32, step: int | None = None):
   from ml_collections import ConfigDict
 
   from sfd_jax.training import checkpoint as ckpt_lib, config as config_lib
-  checkpointer = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints")
+  checkpointer = ckpt_lib.Checkpointer(storage.path(workdir) / "checkpoints")
   try:
     def model_of(config):
       return config_lib.build_model(ConfigDict(config).model).clone(dtype=dtype)
@@ -125,12 +123,12 @@ def load_training_run(workdir, dtype=jnp.float32, step: int | None = None):
 def load_texture_stats(path):
   """(mean, std) of the texture latents, one value per channel, from a latent dataset directory, its stats.json,
   or an official stats .pt."""
-  path = Path(path)
+  path = storage.path(path)
   if not path.exists():
     raise UserError(f"latent stats {path} do not exist; pass the latent dataset directory, its stats.json, "
                     "or the official latents_stats.pt")
   if path.is_dir():
-    path = latents_lib.find_dataset(path) / "stats.json"
+    path = latents_lib.find_dataset(storage.filesystem_path(path, "the latent dataset")) / "stats.json"
   if path.suffix == ".json":
     stats = json.loads(path.read_text())
     if "texture" not in stats:
@@ -214,40 +212,37 @@ def make_generator(s: Settings, model, vae, guide_model, delta_t: float, semanti
 # Files.
 
 
-def png_path(out: Path, index: int) -> Path:
+def png_path(out, index: int):
   return out / "images" / f"{index:06d}.png"
 
 
-def pending_indices(out: Path, num_images: int) -> np.ndarray:
-  """Indices in [0, num_images) whose PNG does not exist yet."""
-  return np.array([i for i in range(num_images) if not png_path(out, i).exists()], np.int64)
+def pending_indices(out, num_images: int) -> np.ndarray:
+  """Indices in [0, num_images) whose PNG does not exist yet (one listing of the directory, also in a bucket)."""
+  written = {p.name for p in (out / "images").iterdir()} if (out / "images").exists() else set()
+  return np.array([i for i in range(num_images) if png_path(out, i).name not in written], np.int64)
 
 
-def write_png(path: Path, image: np.ndarray):
-  """Writes atomically (temporary file, then rename), so a killed run never leaves a truncated PNG behind."""
-  tmp = path.with_name(f".{path.name}.tmp")  # hidden and without an image suffix: no image reader picks it up
-  Image.fromarray(image).save(tmp, format="PNG")
-  os.replace(tmp, path)
+def _read_png(path) -> np.ndarray:
+  with path.open("rb") as f:
+    return np.asarray(Image.open(f).convert("RGB"))
 
 
-def write_npz(path: Path, out: Path, num_images: int, labels: np.ndarray):
+def write_npz(path, out, num_images: int, labels: np.ndarray):
   """`arr_0` (N, H, W, 3) uint8 streamed from the PNGs (never all in memory) and `arr_1` the labels."""
-  first = np.asarray(Image.open(png_path(out, 0)))
-  tmp = path.with_suffix(".tmp.npz")
-  with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+  first = _read_png(png_path(out, 0))
+  with storage.staged_file(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
     with zf.open("arr_0.npy", "w", force_zip64=True) as f:
       header = {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
                 "shape": (num_images, *first.shape)}
       np.lib.format.write_array_header_2_0(f, header)
       for i in range(num_images):
-        image = np.asarray(Image.open(png_path(out, i)).convert("RGB"))
+        image = _read_png(png_path(out, i))
         if image.shape != first.shape:
           raise UserError(f"{png_path(out, i)} is {image.shape}, image 0 is {first.shape}: the output directory "
                           "mixes runs of different resolutions; use a fresh --out")
         f.write(image.tobytes())
     with zf.open("arr_1.npy", "w") as f:
       np.lib.format.write_array(f, labels.astype(np.int64))
-  os.replace(tmp, path)
 
 
 def demo_grid(images: np.ndarray, labels: np.ndarray, columns: int, min_width: int = 64) -> Image.Image:
@@ -279,9 +274,9 @@ def _local_rows(array) -> tuple[np.ndarray, np.ndarray]:
 # The run.
 
 
-def run(s: Settings) -> Path:
+def run(s: Settings):
   """Generates the images of `s` (skipping those already written) and returns the output directory."""
-  out = Path(s.out)
+  out = storage.path(s.out)
   dtype = jnp.dtype(s.dtype)
   model, dit_vars, official = load_diffusion_model(s.model, s.preset, s.model_kwargs, dtype, s.step)
   guide_model, guide_vars = None, None
@@ -314,8 +309,8 @@ def run(s: Settings) -> Path:
       out.mkdir(parents=True, exist_ok=True)
       classes = parse_labels(s.labels, model.num_classes, demo=True)
       columns = min(len(indices), len(classes) if isinstance(classes, tuple) and len(classes) <= 16 else 8)
-      demo_grid(np.concatenate(images)[:len(indices)], np.concatenate(labels)[:len(indices)], columns).save(
-          out / "demo.png")
+      grid = demo_grid(np.concatenate(images)[:len(indices)], np.concatenate(labels)[:len(indices)], columns)
+      storage.write_png(out / "demo.png", np.asarray(grid))
     return out
 
   (out / "images").mkdir(parents=True, exist_ok=True)
@@ -333,7 +328,7 @@ def run(s: Settings) -> Path:
     rows, local = _local_rows(images)
     for row, image in zip(rows, local):
       if row < len(chunk):
-        write_png(png_path(out, int(padded[row])), image)
+        storage.write_png(png_path(out, int(padded[row])), image)  # whole or not at all
     bar.set_postfix(NFE=int(calls), batch_s=f"{time.perf_counter() - tick:.1f}")
     bar.update(len(chunk))
   bar.close()

@@ -249,7 +249,7 @@ def test_images_instead_of_dino_tokens_feed_the_training_pipeline(encoders, tmp_
   cfg.dino.path = str(export.save_model(tmp_path / "dino", encoders["dino"].model, encoders["dino"].variables))
   cfg.batch_size = 6
   task = tasks.sfd_task(cfg)
-  host = next(task.make_data(0, 1))
+  host = next(task.make_data(0, 1, 0))
   device = task.preprocess(shd.shard_batch(shd.make_mesh(), {k: v for k, v in host.items() if k != "index"}))
   assert "image" not in device and task.flops_per_sample > cfg.model.hidden_size
   np.testing.assert_allclose(np.asarray(device["dino"]), np.asarray(

@@ -175,16 +175,17 @@ def test_image_batches_do_not_depend_on_the_host_count():
   assert batch["image"].shape == (8, 32, 32, 3) and set(batch["index"]) <= set(range(10, 50))
 
 
-def test_image_batches_resume_from_the_iterator_state():
+def test_image_batches_resume_at_a_batch_on_any_number_of_hosts():
   source = images.DigitsImages(size=40)
   it = images.image_pipeline(source, global_batch_size=4, seed=0, resolution=32, prefetch=0)
   next(it)
-  state = it.get_state()
   expected = [next(it) for _ in range(2)]
-  resumed = images.image_pipeline(source, global_batch_size=4, seed=0, resolution=32, prefetch=0)
-  resumed.set_state(state)
+  resumed = images.image_pipeline(source, global_batch_size=4, seed=0, resolution=32, prefetch=0, start_batch=1)
+  halves = [images.image_pipeline(source, global_batch_size=4, seed=0, resolution=32, prefetch=0, start_batch=1,
+                                  shard_index=i, shard_count=2) for i in range(2)]
   for batch in expected:
     np.testing.assert_array_equal(next(resumed)["image"], batch["image"])
+    np.testing.assert_array_equal(np.concatenate([next(h)["image"] for h in halves]), batch["image"])
 
 
 def test_center_view_evaluates_each_image_once():

@@ -136,7 +136,7 @@ def test_short_run_evaluates_and_exports(tmp_path):
   training = semvae.prepare(cfg)
   assert len(training.heldout_images) == 16 and len(training.train_images) == 1797 - 16
   assert not set(training.heldout_images.indices) & set(training.train_images.indices)
-  batch = next(training.make_data(0, 1))
+  batch = next(training.make_data(0, 1, 0))
   assert batch["image"].shape == (8, 256, 256, 3) and batch["image"].dtype == np.uint8
   features = training.preprocess(shd.shard_batch(training.mesh, {"image": batch["image"]}))["features"]
   assert features.shape == (8, 16, 16, 32)  # 224 px / patch 14, DINO width 32

@@ -121,7 +121,7 @@ def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
     ("optim.lrr=1", "error: bad command line: 'lrr'"),
     ("data.source=latents", "error: config.data.path is empty"),
     ("mesh.data=3", "error: mesh: data 3 × fsdp 1 = 3 does not match the 1 devices"),
-    ("data.path=gs://bucket/latents", "error: --config.data.path=gs://bucket/latents is a URL"),
+    ("data.path=s3://bucket/latents", "error: --config.data.path=s3://bucket/latents: sfd_jax reads and writes local"),
 ])
 def test_bad_input_is_one_clear_message(tmp_path, override, expected):
   result = train(tmp_path, override, check=False)

@@ -9,7 +9,6 @@ INFO logs go to `<run directory>/logs/<command>.log` unless `--verbosity` is giv
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 import jax
 from absl import app, flags, logging as absl_logging
 
+from sfd_jax import storage
 from sfd_jax.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
 
 flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs outside a TPU pod.")
@@ -28,15 +28,17 @@ HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--hel
 DEFAULT_CACHE = Path.home() / ".cache" / "sfd_jax" / "xla"
 
 
-def run(main: Callable, *, log_dir: Callable[[], str | None] | None = None, distributed: bool = False) -> None:
+def run(main: Callable, *, log_dir: Callable[[], str | None] | None = None, distributed: bool = False,
+        positional: bool = False) -> None:
   """Runs an absl `main` as every sfd_jax command runs (see the module docstring).
 
   `log_dir` returns the directory (from the parsed flags) whose `logs/` gets the library log, or None for none;
-  `distributed` starts jax.distributed on a multi-process cluster (for the commands every host runs).
+  `distributed` starts jax.distributed on a multi-process cluster (for the commands every host runs);
+  `positional`: the command takes arguments besides its flags (`cli.plot`'s run directories).
   """
   def wrapped(argv):
     try:
-      if len(argv) > 1:
+      if len(argv) > 1 and not positional:
         raise UserError(f"unexpected arguments {argv[1:]}: every input is a --flag (see --help)")
       _quiet_terminal()
       started = start_distributed() if distributed else None
@@ -72,9 +74,10 @@ def parse_flags(argv):
     print(f"error: bad command line: {message}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
   for name, value in _url_values(flags.FLAGS):
-    print(f"error: --{name}={value} is a URL; sfd_jax reads and writes filesystem paths: mount the bucket (e.g. "
-          f"`gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) and pass the mounted path", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+    if not storage.is_remote(value):
+      print(f"error: --{name}={value}: sfd_jax reads and writes local paths and gs://bucket/... paths only",
+            file=sys.stderr)
+      sys.exit(EXIT_USER_ERROR)
   return remaining
 
 
@@ -101,7 +104,7 @@ def _url_values(flag_values):
     elif isinstance(value, (list, tuple)):
       for item in value:
         yield from walk(name, item)
-    elif isinstance(value, str) and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value):
+    elif isinstance(value, str) and storage.is_url(value):
       yield name, value
   for name in flag_values:
     yield from walk(name, flag_values[name].value)
@@ -124,15 +127,15 @@ def _quiet_terminal() -> None:
 
 
 def _log_to_file(directory) -> None:
-  """Library logs (INFO and up) to `<directory>/logs/<command>.log`, one file per process."""
+  """Library logs (INFO and up) to `<directory>/logs/<command>.log` (local or in a bucket), one file per process."""
   if directory is None:
     return
   root = logging.getLogger()
   command = Path(getattr(sys.modules["__main__"], "__file__", "sfd_jax")).stem
   suffix = "" if jax.process_index() == 0 else f".process{jax.process_index()}"
-  path = Path(directory) / "logs" / f"{command}{suffix}.log"
+  path = storage.path(directory) / "logs" / f"{command}{suffix}.log"
   path.parent.mkdir(parents=True, exist_ok=True)
-  handler = logging.FileHandler(path)
+  handler = logging.FileHandler(storage.mirrored_file(path))
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(message)s"))
   root.addHandler(handler)
   logging.info("command line: %s", " ".join(sys.argv))

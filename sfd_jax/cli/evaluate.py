@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
+from sfd_jax import storage
 from sfd_jax.cli import common
 from sfd_jax.console import say
 from sfd_jax.convert.inception import FID_WEIGHTS_SHA256_PREFIX, default_inception_path, load_inception
@@ -49,8 +50,8 @@ flags.DEFINE_string("tfds_data_dir", None, "With tfds:...: the tfds data_dir.")
 FLAGS = flags.FLAGS
 
 
-def default_report_path(samples) -> Path:
-  path = Path(str(samples).rstrip("/"))
+def default_report_path(samples):
+  path = storage.path(str(samples).rstrip("/"))
   return path.parent / f"{path.stem if path.suffix == '.npz' else path.name}_eval.json"
 
 
@@ -84,16 +85,16 @@ def run_evaluation(ref, samples, inception=None, out=None, per_device_batch: int
     for label, key in (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
                        ("Precision", "precision"), ("Recall", "recall")):
       print(f"{label}: {m[key]}")
-    path = Path(out) if out else default_report_path(samples)
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    path = storage.path(out) if out else default_report_path(samples)
+    storage.write_text(path, json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
   return report
 
 
 def make_reference(out, images, inception=None, image_size: int | None = None, num_images: int | None = None,
-                   seed: int = 0, tfds_data_dir=None, per_device_batch: int = 32) -> Path:
+                   seed: int = 0, tfds_data_dir=None, per_device_batch: int = 32):
   """Writes an ADM-format reference batch (images and statistics) from a folder or a tfds split."""
-  if Path(out).exists():  # before the slow part
+  if storage.path(out).exists():  # before the slow part
     raise UserError(f"{out} already exists; choose another path for the reference batch")
   source = open_images(images, image_size, tfds_data_dir)
   if num_images:
@@ -102,13 +103,13 @@ def make_reference(out, images, inception=None, image_size: int | None = None, n
     source = Subset(source, np.random.default_rng(seed).choice(len(source), num_images, replace=False))
   write_reference(out, source, _extractor(inception, per_device_batch))
   say(f"wrote {out}: {len(source)} images of {image_shape(source)} with their statistics")
-  return Path(out)
+  return storage.path(out)
 
 
 def log_dir():
   """The directory of what this run writes (the report or the reference batch)."""
   target = FLAGS.write_ref or FLAGS.out or (FLAGS.samples and default_report_path(FLAGS.samples))
-  return Path(target).parent if target else None
+  return storage.path(target).parent if target else None
 
 
 def main(argv):

@@ -9,11 +9,10 @@ On a multi-host platform (TPU pod, or --coordinator given) every host runs the s
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from absl import flags
 from ml_collections import config_flags
 
+from sfd_jax import storage
 from sfd_jax.cli import common
 from sfd_jax.console import say
 from sfd_jax.training import loop, semvae
@@ -28,8 +27,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  cfg, workdir = FLAGS.config, Path(FLAGS.workdir)
-  out = Path(FLAGS.export_dir or workdir / "semvae")
+  cfg, workdir = FLAGS.config, storage.path(FLAGS.workdir)
+  out = storage.path(FLAGS.export_dir or workdir / "semvae")
   training = semvae.prepare(cfg)
   if not FLAGS.export_only:
     loop.run(cfg, workdir, training.task())  # raises Preempted when stopped early: the export waits for the end

@@ -6,12 +6,11 @@ training checkpoint's EMA weights can be exported the same way. Restoring can pl
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from sfd_jax import storage
 from sfd_jax.errors import UserError
 from sfd_jax.models.dinov2 import DINOv2
 from sfd_jax.models.dit import LightningDiT
@@ -34,9 +33,9 @@ def model_fields(model) -> dict:
   return fields
 
 
-def save_model(path, model, variables, extra: dict | None = None) -> Path:
-  """Writes `model.json` and the params (orbax) under `path`; refuses to overwrite an existing export."""
-  path = Path(path).absolute()
+def save_model(path, model, variables, extra: dict | None = None):
+  """Writes `model.json` and the params (orbax) under `path` (local or gs://); refuses to overwrite an export."""
+  path = storage.path(path)
   if (path / "model.json").exists():
     raise UserError(f"{path} already holds an exported model; choose another output directory")
   path.mkdir(parents=True, exist_ok=True)
@@ -44,13 +43,13 @@ def save_model(path, model, variables, extra: dict | None = None) -> Path:
   checkpointer.save(path / "params", variables["params"])
   checkpointer.wait_until_finished()
   meta = {"class": type(model).__name__, "fields": model_fields(model), **(extra or {})}
-  (path / "model.json").write_text(json.dumps(meta, indent=1))
+  storage.write_text(path / "model.json", json.dumps(meta, indent=1))
   return path
 
 
 def load_model(path, sharding=None, **overrides):
   """(model, variables, meta) of an exported model; `sharding` (a Sharding or a tree of them) places the params."""
-  path = Path(path).absolute()
+  path = storage.path(path)
   if not (path / "model.json").exists():
     raise UserError(f"{path} is not an exported model (no model.json); "
                             "make one with `python -m sfd_jax.cli.convert`")

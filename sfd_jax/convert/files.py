@@ -5,10 +5,10 @@ The logic behind `python -m sfd_jax.cli.convert`, importable without its flags.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
+from sfd_jax import storage
 from sfd_jax.convert import export
 from sfd_jax.convert.dinov2 import dinov2_to_hf, load_dinov2
 from sfd_jax.convert.dit import dit_to_torch, load_dit, official_sfd_kwargs
@@ -21,14 +21,14 @@ SD_VAE_F16D32 = dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_res
 
 
 def convert_to_flax(kind: str, checkpoint: str, out: str, preset: str = "XL", model_kwargs: dict | None = None,
-                    embed_dim: int = 32, semantic_stats: str | None = None, which: str = "ema") -> Path:
+                    embed_dim: int = 32, semantic_stats: str | None = None, which: str = "ema"):
   """Reads an official file and writes its sfd_jax form; returns the path written.
 
   A DiT checkpoint of train.py gives its `which` weights ('ema', the ones sampled from, or 'model').
   """
   if kind == "dinov2":  # a Hugging Face directory or a facebookresearch/HF weight file
     model, variables = load_dinov2(checkpoint)
-    return export.save_model(out, model, variables, extra={"source": str(Path(checkpoint).absolute())})
+    return export.save_model(out, model, variables, extra={"source": str(storage.path(checkpoint))})
   raw = load_state_dict(checkpoint, which=which if kind == "dit" else None)
   if kind == "stats":
     return write_stats(raw, load_state_dict(semantic_stats) if semantic_stats else None,
@@ -39,21 +39,21 @@ def convert_to_flax(kind: str, checkpoint: str, out: str, preset: str = "XL", mo
   else:
     model, variables = load_texture_vae(model_kwargs or SD_VAE_F16D32, embed_dim, raw)
     kwargs = {"encoder_decoder_kwargs": model_kwargs or SD_VAE_F16D32, "embed_dim": embed_dim}
-  return export.save_model(out, model, variables, extra={"source": str(Path(checkpoint).absolute()),
+  return export.save_model(out, model, variables, extra={"source": str(storage.path(checkpoint)),
                                                          "official_kwargs": kwargs})
 
 
-def write_stats(texture: dict, semantic: dict | None, out: str, sources) -> Path:
+def write_stats(texture: dict, semantic: dict | None, out: str, sources):
   """Official `{'mean','std'}` (1,C,1,1) stats files → the stats.json of the latent dataset format."""
   stats = {"texture": _channel_stats(texture, "texture")}
   if semantic is not None:
     stats["semantic"] = _channel_stats(semantic, "semantic")
   stats["source"] = [str(s) for s in sources if s]
-  path = Path(out)
+  path = storage.path(out)
   if path.exists():
     raise UserError(f"{path} exists; choose another output file")
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(stats, indent=1))
+  storage.write_text(path, json.dumps(stats, indent=1))
   return path
 
 
@@ -64,17 +64,18 @@ def _channel_stats(raw: dict, what: str) -> dict:
           "std": np.asarray(raw["std"], np.float64).reshape(-1).tolist()}
 
 
-def convert_to_torch(exported: str, out: str) -> Path:
+def convert_to_torch(exported: str, out: str):
   """An exported model → official state dict in a .pt (torch) or .npz file."""
   model, variables, meta = export.load_model(exported)
   to_torch = {"LightningDiT": dit_to_torch, "AutoencoderKL": texture_vae_to_torch, "DINOv2": dinov2_to_hf}
   state_dict = to_torch[meta["class"]](model, variables)
-  path = Path(out)
+  path = storage.path(out)
   if path.exists():
     raise UserError(f"{path} exists; choose another output file")
-  if path.suffix == ".npz":
-    np.savez(path, **state_dict)
-  else:
-    import torch
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}, path)
+  with storage.staged_file(path) as local:
+    if path.suffix == ".npz":
+      np.savez(local, **state_dict)
+    else:
+      import torch
+      torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}, local)
   return path

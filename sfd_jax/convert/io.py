@@ -15,6 +15,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from sfd_jax import storage
 from sfd_jax.convert.errors import ConversionError
 from sfd_jax.convert.torch_files import PickledObject, TensorRef, TorchFile
 
@@ -28,6 +29,19 @@ __all__ = ["ConversionError", "WEIGHT_ENTRIES", "load_state_dict", "select_state
 
 
 def load_state_dict(path, *, which: str | None = None) -> dict[str, np.ndarray]:
+  """`read_state_dict` of a local file or a gs:// object (downloaded to a temporary file first)."""
+  if storage.is_remote(path):
+    if not storage.path(path).exists():
+      raise ConversionError(f"weight file {path} does not exist; pass the path of a file you have")
+    with storage.local_copy(path) as local:
+      try:
+        return read_state_dict(local, which=which)
+      except ConversionError as e:  # name the object, not the temporary copy
+        raise ConversionError(str(e).replace(str(local), str(path))) from None
+  return read_state_dict(path, which=which)
+
+
+def read_state_dict(path, *, which: str | None = None) -> dict[str, np.ndarray]:
   """The tensors of a weight file as numpy arrays (bfloat16 becomes float32, which is lossless).
 
   A torch checkpoint dict gives the tensors of its entry `which` ('ema', 'model', 'state_dict'), by default the

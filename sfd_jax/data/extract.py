@@ -29,7 +29,6 @@ import logging
 import math
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import flax
@@ -40,7 +39,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from sfd_jax import sharding as shd
+from sfd_jax import sharding as shd, storage
 from sfd_jax.convert import export, files
 from sfd_jax.convert.dinov2 import load_dinov2
 from sfd_jax.convert.io import load_state_dict
@@ -90,7 +89,7 @@ def load_encoder(kind: str, path, *, dtype: str | None = None) -> Encoder:
   official LDM checkpoint (SD-VAE f16d32 layout). `dtype` overrides the compute dtype (params stay float32)."""
   if kind not in ENCODER_CLASSES:
     raise ValueError(f"encoder kind {kind!r} is not one of {sorted(ENCODER_CLASSES)}")
-  path = Path(path)
+  path = storage.path(path)
   if not path.exists():
     what = {"texture": "an exported texture VAE or the official LDM .ckpt",
             "dino": "an exported DINOv2, a Hugging Face directory or the facebookresearch .pth",

@@ -28,6 +28,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from sfd_jax import storage
 from sfd_jax.data import latents as latents_lib
 from sfd_jax.errors import UserError
 
@@ -101,7 +102,7 @@ class FolderImages:
   names are the labels 0, 1, ...; an image directly under `root` (e.g. a folder of samples) has label -1."""
 
   def __init__(self, root):
-    self.root, self.name = Path(root), str(root)
+    self.root, self.name = storage.filesystem_path(root, "the image folder"), str(root)
     if not self.root.is_dir():
       raise UserError(f"image folder {self.root} does not exist; pass a directory of images (or of class folders "
                       "root/<class>/<image>)")
@@ -146,7 +147,8 @@ class TfdsImages(_Named):
   def __init__(self, name: str, split: str = "train", data_dir: str | None = None, image_key: str = "image",
                label_key: str = "label"):
     import tensorflow_datasets as tfds
-    self.tfds_name, self.split, self.data_dir = name, split, data_dir or None
+    self.tfds_name, self.split = name, split
+    self.data_dir = str(storage.filesystem_path(data_dir, "the tfds data_dir")) if data_dir else None
     self.name = f"tfds:{name}:{split}"
     self.image_key, self.label_key = image_key, label_key
     try:
@@ -222,10 +224,10 @@ class NpzImages(_Named):
   going back reopens the member."""
 
   def __init__(self, path, key: str = "arr_0"):
-    self.path, self.name = Path(path), str(path)
+    self.path, self.name = storage.path(path), str(path)
     self._member, self._lock = f"{key}.npy", threading.Lock()
     try:
-      with zipfile.ZipFile(self.path) as zf:
+      with zipfile.ZipFile(self.path.open("rb")) as zf:
         if self._member not in zf.namelist():
           raise UserError(f"{path} has no '{key}' array (it holds {sorted(zf.namelist())}); an ADM batch stores "
                           f"its images as {key}")
@@ -243,7 +245,7 @@ class NpzImages(_Named):
     self.labels = labels.astype(np.int64) if ok else np.full(self._shape[0], -1)
 
   def _open(self):
-    self._zip = zipfile.ZipFile(self.path)
+    self._zip = zipfile.ZipFile(self.path.open("rb"))
     self._stream = self._zip.open(self._member)
     version = np.lib.format.read_magic(self._stream)
     read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -278,7 +280,7 @@ class NpzImages(_Named):
     return {"image": image, "label": int(self.labels[index]), "index": index}
 
   def describe(self) -> dict:
-    return {"source": "npz", "path": str(self.path.absolute()), "num_images": len(self)}
+    return {"source": "npz", "path": str(self.path), "num_images": len(self)}
 
 
 class Subset:
@@ -356,9 +358,9 @@ def open_images(spec, image_size: int | None = None, tfds_data_dir=None):
   if spec.startswith("tfds:"):
     name, _, split = spec[len("tfds:"):].partition(":")
     source = TfdsImages(name, split or "train", tfds_data_dir)
-  elif Path(spec).is_dir():
+  elif storage.path(spec).is_dir():
     source = FolderImages(spec)
-  elif not Path(spec).exists():
+  elif not storage.path(spec).exists():
     raise UserError(f"{spec} does not exist; give {_FORMS}")
   elif spec.endswith(".npz"):
     source = NpzImages(spec)
@@ -406,7 +408,7 @@ def _hash_files(paths) -> str:
   for name, path in paths:
     if name is not None:
       h.update(str(name).encode() + b"\0")
-    with open(path, "rb") as stream:
+    with storage.path(path).open("rb") as stream:
       while block := stream.read(1 << 24):
         h.update(block)
   return h.hexdigest()
@@ -480,8 +482,8 @@ def view(record: Mapping, rng: np.random.Generator | None, *, resolution: int, c
 def image_pipeline(source, *, global_batch_size: int, seed: int, resolution: int, crop: str = "random",
                    min_crop_frac: float = 0.8, flip: bool = False, shuffle: bool = True,
                    num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1,
-                   num_workers: int = 0, prefetch: int = 8) -> grain.DatasetIterator:
-  """A checkpointable iterator over this host's rows of each global batch of cropped images
+                   start_batch: int = 0, num_workers: int = 0, prefetch: int = 8) -> grain.DatasetIterator:
+  """An iterator over this host's rows of each global batch of cropped images, from `start_batch`
   ({'image': uint8 (b, res, res, 3), 'label', 'index'}); unreadable images are stood in for (`SkipUnreadable`).
 
   Order and crops are fixed per position of one global sequence (as `latents.latent_pipeline`), so the batches
@@ -496,4 +498,4 @@ def image_pipeline(source, *, global_batch_size: int, seed: int, resolution: int
   flat = flat.random_map(lambda record, rng: view(record, rng, resolution=resolution, crop=crop,
                                                   min_crop_frac=min_crop_frac, flip=flip))
   return latents_lib.host_batches(flat, global_batch_size, shard_index=shard_index, shard_count=shard_count,
-                                  num_workers=num_workers, prefetch=prefetch)
+                                  start_batch=start_batch, num_workers=num_workers, prefetch=prefetch)

@@ -32,6 +32,7 @@ import grain
 import ml_dtypes
 import numpy as np
 
+from sfd_jax import storage
 from sfd_jax.errors import UserError
 
 NAME = "sfd_latents"
@@ -161,7 +162,7 @@ class LatentWriter:
   """
 
   def __init__(self, directory, num_shards: int, spec: Mapping, meta: Mapping | None = None):
-    self.directory = Path(directory) / NAME / VERSION
+    self.directory = storage.filesystem_path(directory, "the latent dataset") / NAME / VERSION
     self.num_shards, self.spec, self.meta = num_shards, dict(spec), dict(meta or {})
     self.directory.mkdir(parents=True, exist_ok=True)
     self._features = _features(self.spec)
@@ -314,7 +315,7 @@ class LatentSource:
 
 def find_dataset(directory) -> Path:
   """The versioned directory of a latent dataset given it or one of its parents; clear errors otherwise."""
-  directory = Path(directory)
+  directory = storage.filesystem_path(directory, "the latent dataset")
   for candidate in (directory, directory / VERSION, directory / NAME / VERSION):
     if (candidate / "dataset_info.json").exists():
       for required in ("stats.json", "meta.json"):
@@ -385,13 +386,15 @@ def normalizer(stats: Mapping, use_dino: bool, use_images: bool = False):
 
 
 def host_batches(flat: grain.MapDataset, global_batch_size: int, *, shard_index: int = 0, shard_count: int = 1,
-                 transform=None, num_workers: int = 0, prefetch: int = 8) -> grain.DatasetIterator:
-  """A checkpointable iterator over this host's rows of each global batch of `flat`, each row mapped by
-  `transform` first.
+                 start_batch: int = 0, transform=None, num_workers: int = 0,
+                 prefetch: int = 8) -> grain.DatasetIterator:
+  """An iterator over this host's rows of global batches `start_batch`, `start_batch + 1`, ... of `flat`, each row
+  mapped by `transform` first.
 
   Position k of `flat` is the k-th element of one global sequence (any per-element randomness must already be
   drawn there, from the position); global batch b is positions [b·G, (b+1)·G) and host i reads only its rows
-  of it, [i·G/n, (i+1)·G/n). The batches a run sees therefore do not depend on how many hosts read them. A last
+  of it, [i·G/n, (i+1)·G/n). The batches a run sees therefore do not depend on how many hosts read them, and a
+  run resumed at step s on any number of hosts starts at batch s: the position needs no checkpoint. A last
   partial batch is dropped.
   """
   if global_batch_size % shard_count:
@@ -402,7 +405,7 @@ def host_batches(flat: grain.MapDataset, global_batch_size: int, *, shard_index:
   local = global_batch_size // shard_count
   num_batches = len(flat) // global_batch_size
   position = lambda k: (k // local) * global_batch_size + shard_index * local + k % local
-  ds = grain.MapDataset.range(num_batches * local).map(lambda k: flat[position(k)])
+  ds = grain.MapDataset.range(start_batch * local, num_batches * local).map(lambda k: flat[position(k)])
   if transform is not None:
     ds = ds.map(transform)
   ds = ds.batch(local, drop_remainder=True)
@@ -416,8 +419,8 @@ def host_batches(flat: grain.MapDataset, global_batch_size: int, *, shard_index:
 def latent_pipeline(source, stats: Mapping, *, global_batch_size: int, seed: int, shuffle: bool = True,
                     flip: bool = True, use_dino: bool = True, use_images: bool = False,
                     num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1,
-                    num_workers: int = 0, prefetch: int = 8) -> grain.DatasetIterator:
-  """A checkpointable iterator over this host's rows of each global batch (global_batch_size / shard_count).
+                    start_batch: int = 0, num_workers: int = 0, prefetch: int = 8) -> grain.DatasetIterator:
+  """An iterator over this host's rows of each global batch (global_batch_size / shard_count), from `start_batch`.
 
   The record order (seeded shuffle, new each epoch, no repeats inside one) and the flip choices are fixed per
   position in one global sequence (see `host_batches`), so the batches a run sees do not depend on how many
@@ -440,4 +443,5 @@ def latent_pipeline(source, stats: Mapping, *, global_batch_size: int, seed: int
   flat = flat.repeat(num_epochs)
   flat = flat.random_map(lambda record, rng: (record, bool(flip and rng.random() < 0.5)))
   return host_batches(flat, global_batch_size, shard_index=shard_index, shard_count=shard_count,
-                      transform=normalizer(stats, use_dino, use_images), num_workers=num_workers, prefetch=prefetch)
+                      start_batch=start_batch, transform=normalizer(stats, use_dino, use_images),
+                      num_workers=num_workers, prefetch=prefetch)

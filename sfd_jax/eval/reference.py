@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import zipfile
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from sfd_jax import storage
 from sfd_jax.data.images import NpzImages, image_shape, read_images
 from sfd_jax.errors import UserError
 from sfd_jax.eval.features import Activations, FeatureExtractor
@@ -31,12 +31,12 @@ class ReferenceBatch:
 
 def read_reference(path) -> ReferenceBatch:
   """Opens an ADM reference batch; images are streamed later, statistics are read now."""
-  path = Path(path)
+  path = storage.path(path)
   if not path.is_file():
     raise UserError(f"reference batch {path} not found. ADM's ImageNet 256×256 batch is {ADM_IMAGENET256}; "
                     "or write one from your own images with `python -m sfd_jax.cli.evaluate --write_ref`")
   try:
-    with np.load(path) as f:
+    with path.open("rb") as stream, np.load(stream) as f:
       keys = set(f.files)
       arrays = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
   except (OSError, ValueError, zipfile.BadZipFile) as e:
@@ -64,17 +64,17 @@ def _write_npy(zf: zipfile.ZipFile, name: str, array: np.ndarray):
 def write_reference(path, source, extractor: FeatureExtractor, chunk: int = 256) -> Activations:
   """Writes `arr_0` (the source's images) and their statistics to a new ADM-format `.npz`; returns the features.
 
-  Every process computes features; process 0 writes the file (under a temporary name, renamed when complete).
+  Every process computes features; process 0 writes the file, which appears only when complete (local or gs://).
   """
-  path = Path(path)
+  path = storage.path(path)
   if path.exists():
     raise UserError(f"{path} already exists; choose another path for the reference batch")
   acts = extractor(source, desc="reference features")
   if jax.process_index() == 0:
     shape = image_shape(source)
     stats, spatial = statistics(acts.pool), statistics(acts.spatial)
-    partial = path.with_name(path.name + ".partial")
-    with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with storage.staged_file(path) as partial, zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED,
+                                                                allowZip64=True) as zf:
       with zf.open("arr_0.npy", "w", force_zip64=True) as f:
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                   "shape": (len(source), *shape)}
@@ -84,6 +84,5 @@ def write_reference(path, source, extractor: FeatureExtractor, chunk: int = 256)
       for name, array in (("mu", stats.mu), ("sigma", stats.sigma), ("mu_s", spatial.mu),
                           ("sigma_s", spatial.sigma)):
         _write_npy(zf, name, array)
-    os.replace(partial, path)
   multihost_utils.sync_global_devices("sfd_jax.eval.write_reference")
   return acts

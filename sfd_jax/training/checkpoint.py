@@ -1,8 +1,9 @@
-"""Orbax checkpoints of a training run: {train state, this host's data-iterator state, config}, async.
+"""Orbax checkpoints of a training run: {train state, config}, async, in a local directory or a gs:// bucket.
 
-`Checkpointer.restore_latest` takes the newest checkpoint that restores cleanly: an unfinished one (orbax never
-lists a step whose write did not complete) or a corrupt one (restoring it raises) is skipped with a warning and
-left on disk. The state is restored straight onto the shardings of the current mesh, whatever mesh wrote it.
+`Checkpointer.restore_latest` takes the newest complete checkpoint (orbax never lists a step whose write did not
+complete): a damaged one is moved aside and the one before it tried; one that does not fit the run's config is a
+user error. The state is restored straight onto the shardings of the current mesh, whatever mesh and number of
+processes wrote it.
 """
 from __future__ import annotations
 
@@ -10,16 +11,19 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from sfd_jax import storage
 from sfd_jax.errors import UserError
 
-ITEMS = ("state", "data", "config")
+# The data position is not stored: the input pipeline restarts at the step (`Task.make_data`), whatever the number
+# of hosts. Checkpoints of earlier versions hold a "data" item, which is ignored.
+ITEMS = ("state", "config")
 
 
 # tensorstore reports missing or damaged data as a ValueError whose message starts with one of these status codes.
@@ -54,6 +58,13 @@ def quiet_closed_event_loops() -> None:
   sys.unraisablehook = hook
 
 
+def _shape(leaf) -> str:
+  """'(3, 4) float32' of an array, ShapeDtypeStruct or orbax ArrayMetadata; the type name of anything else."""
+  if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+    return f"{tuple(leaf.shape)} {jnp.dtype(leaf.dtype).name}"
+  return type(leaf).__name__
+
+
 def _summary(error: BaseException) -> str:
   return f"{type(error).__name__}: {str(error).splitlines()[0][:300]}" if str(error) else type(error).__name__
 
@@ -62,19 +73,16 @@ class Checkpointer:
   """Saves every call to `save` (async), keeps the newest `keep` plus every multiple of `keep_period`."""
 
   def __init__(self, directory, keep: int = 3, keep_period: int | None = None, use_async: bool = True):
-    self.directory = Path(directory).absolute()
+    self.directory = storage.path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_period or None, create=True,
                                            enable_async_checkpointing=use_async)
-    handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
-                "config": ocp.JsonCheckpointHandler()}
+    handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS,
                                          item_handlers=handlers)
 
-  def save(self, step: int, state, data_iterator, config_json: str) -> None:
+  def save(self, step: int, state, config_json: str) -> None:
     """Starts writing checkpoint `step` (returns before the write finishes unless synchronous)."""
     args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(json.loads(config_json))}
-    if data_iterator is not None:
-      args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
   def wait(self) -> None:
@@ -84,28 +92,57 @@ class Checkpointer:
     self.manager.reload()
     return sorted(self.manager.all_steps())
 
-  def restore_latest(self, abstract_state, data_iterator):
-    """(state, step) of the newest checkpoint that restores, or (None, None) when there is none.
+  def restore_latest(self, abstract_state):
+    """(state, step) of the newest checkpoint, or (None, None) when there is none.
 
-    `abstract_state` holds ShapeDtypeStructs with the target shardings; `data_iterator` is restored in place.
+    `abstract_state` holds ShapeDtypeStructs with the target shardings (any mesh, any number of processes). A
+    damaged checkpoint (missing or corrupt files) is moved to `<step>.unreadable`, never deleted, and the one
+    before it is tried; an intact one that does not fit `abstract_state` (another model size, another optimiser)
+    is a user error naming what differs, and nothing is moved.
     """
     for step in reversed(self.steps()):
       try:
-        return self.restore(step, abstract_state, data_iterator), step
-      except Exception as e:  # a corrupt checkpoint raises whatever its damage makes orbax raise
-        aside = self.directory / f"{step}.unreadable"
-        if jax.process_index() == 0:
-          (self.directory / str(step)).rename(aside)
-        self.manager.reload()
-        logging.warning("checkpoint %d in %s cannot be restored (%s: %s); moved it to %s (not deleted) and trying "
-                        "an older one", step, self.directory, type(e).__name__, str(e).splitlines()[0][:300], aside)
+        differences = self.differences(step, abstract_state)
+        if not differences:
+          return self.restore(step, abstract_state), step
+      except Exception as e:  # orbax and tensorstore raise many types; only damage is handled here
+        if not is_unreadable(e):
+          raise
+        quiet_closed_event_loops()
+        self._move_aside(step, e)
+        continue
+      raise UserError(
+          f"checkpoint {step} in {self.directory} does not fit this run's config: {'; '.join(differences[:3])}"
+          f"{f' (and {len(differences) - 3} more)' if len(differences) > 3 else ''}. Resume with the config it was "
+          "written with (its config.json), start a fresh --workdir, or start a fresh --workdir with "
+          f"--config.init_from={self.directory.parent} to take its params and EMA only (fine-tuning, another "
+          "optimiser)")
     return None, None
 
-  def restore(self, step: int, abstract_state, data_iterator=None):
-    args = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-      args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
+  def differences(self, step: int, abstract_state) -> list[str]:
+    """How checkpoint `step`'s state differs from `abstract_state`: leaves missing, extra, or of another shape or
+    dtype ('' paths as in the checkpoint). Reads only the checkpoint's metadata."""
+    stored = ocp.tree.to_flat_dict(self.manager.item_metadata(step)["state"], sep="/")
+    wanted = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True), sep="/")
+    out = [f"it has {k} {_shape(stored[k])}, this config has none" for k in sorted(set(stored) - set(wanted))]
+    out += [f"this config has {k} {_shape(wanted[k])}, it has none" for k in sorted(set(wanted) - set(stored))]
+    out += [f"{k} is {_shape(stored[k])} in it, {_shape(wanted[k])} here" for k in sorted(set(stored) & set(wanted))
+            if _shape(stored[k]) != _shape(wanted[k])]
+    return out
+
+  def _move_aside(self, step: int, error: BaseException) -> None:
+    aside = self.directory / f"{step}.unreadable"
+    if jax.process_index() == 0:
+      (self.directory / str(step)).rename(aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"sfd_jax: checkpoint {step} moved aside")
+    self.manager.reload()
+    logging.warning("checkpoint %d in %s cannot be restored (%s); moved it to %s (not deleted) and trying an older "
+                    "one", step, self.directory, _summary(error), aside)
+
+  def restore(self, step: int, abstract_state):
+    return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
+        "state"]
 
   def restore_params(self, step: int, abstract_params, which: str = "ema_params"):
     """Only the EMA params (`which='ema_params'`) or the raw params (`'params'`) of checkpoint `step`, no optimiser

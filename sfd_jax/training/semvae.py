@@ -21,14 +21,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sfd_jax import sharding as shd
+from sfd_jax import sharding as shd, storage
 from sfd_jax.convert.export import save_model
 from sfd_jax.data import extract as extract_lib, images as images_lib
 from sfd_jax.diffusion.loss import cosine_similarity
@@ -49,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   base = config_lib.base_config()
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.init_from = ""             # a new run's params and EMA from this training workdir's newest checkpoint
   c.model = dict(latent_channels=16, hidden_size=768, encoder_depth=4, decoder_depth=4, num_heads=6, mlp_ratio=4.0,
                  dtype="float32")
   c.dino = config_lib.dino_config()
@@ -174,12 +174,12 @@ class SemVAETraining:
   def preprocess(self, batch) -> dict:
     return {"features": self._features(self.dino.variables, batch["image"])}
 
-  def make_data(self, shard_index: int, shard_count: int):
+  def make_data(self, shard_index: int, shard_count: int, start_step: int):
     d = self.cfg.data
     return images_lib.image_pipeline(
         self.train_images, global_batch_size=self.cfg.batch_size, seed=self.cfg.seed, resolution=d.resolution,
         crop=d.crop, min_crop_frac=d.min_crop_frac, flip=d.flip, shard_index=shard_index, shard_count=shard_count,
-        num_workers=d.num_workers, prefetch=d.prefetch)
+        start_batch=start_step, num_workers=d.num_workers, prefetch=d.prefetch)
 
   @functools.cached_property
   def _evaluation_sums(self):
@@ -213,10 +213,10 @@ class SemVAETraining:
     return loop.Task(model=self.model, loss_fn=semvae_loss_fn(self.model, self.cfg.loss), make_data=self.make_data,
                      periodic=self.periodic if len(self.heldout_images) else None, preprocess=self.preprocess)
 
-  def export(self, workdir, out, step: int | None = None) -> Path:
+  def export(self, workdir, out, step: int | None = None):
     """Writes the params of checkpoint `step` (default: the newest) of `workdir` as an exported SemVAE, with
     what it was trained on (the DINOv2 digest that extraction checks) and its held-out metrics."""
-    checkpointer = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints")
+    checkpointer = ckpt_lib.Checkpointer(storage.path(workdir) / "checkpoints")
     try:
       step, _, params = checkpointer.readable_params(lambda config: self.model, step, which="params")
     finally:
@@ -224,7 +224,7 @@ class SemVAETraining:
     params = jax.device_put(params, shd.replicated(self.mesh))
     heldout = self.evaluate(params) if len(self.heldout_images) else {}
     trained_on = {"dino_sha256": self.dino.info["sha256"], "dino_path": self.dino.info.get("path"),
-                  "resolution": self.cfg.data.resolution, "step": step, "workdir": str(Path(workdir).absolute())}
+                  "resolution": self.cfg.data.resolution, "step": step, "workdir": str(storage.path(workdir))}
     return save_model(out, self.model, {"params": params}, extra={"trained_on": trained_on, "heldout": heldout})
 
 
