@@ -10,9 +10,12 @@ reused, an unfinished training run continues from its checkpoint):
 4. extraction: images → texture latents, DINO tokens, semantic latents, in the latent dataset format;
 5. SFD: a small LightningDiT with REPA trained on those latents (`training.tasks.sfd_task`), once with the
    semantic lead Δ and once with Δ = 0 (synchronous), for the same steps;
-6. sampling: Dopri5 with classifier-free guidance for each class, decoded by the texture VAE, and for both runs
-   the class accuracy of the samples under the classifier, the Fréchet distance between classifier features of
-   samples and held-out digits, and the model calls per sample. Grids, `results.json` and a table.
+   Both runs are evaluated during training (`training.evaluation`, every `eval.every` steps and at the end): the
+   same Dopri5 samples of every class, unguided and with classifier-free guidance, decoded by the texture VAE,
+   scored by the classifier (the class accuracy of the samples, and the Fréchet distance between classifier
+   features of samples and held-out digits), with the model calls per sample;
+6. results: the convergence table (both metrics against step, for both runs), `convergence.png`, the final
+   numbers, a grid of samples per run and `results.json`.
 """
 from __future__ import annotations
 
@@ -28,16 +31,16 @@ import ml_collections
 import numpy as np
 import optax
 
-from sfd_jax import generate
+from sfd_jax import generate, plots, sharding as shd
 from sfd_jax.convert import export
 from sfd_jax.data import extract as extract_lib, images as images_lib, latents as latents_lib
-from sfd_jax.diffusion import sampler
 from sfd_jax.errors import UserError
 from sfd_jax.eval import fid
 from sfd_jax.models.dinov2 import DINOv2, preprocess_repa
 from sfd_jax.models.layers import posterior_sample
-from sfd_jax.models.texture_vae import AutoencoderKL, denormalize_texture, to_uint8
-from sfd_jax.training import checkpoint as ckpt_lib, config as config_lib, loop, semvae as semvae_lib, tasks
+from sfd_jax.models.texture_vae import AutoencoderKL
+from sfd_jax.training import (checkpoint as ckpt_lib, config as config_lib, evaluation, loop, metrics as metrics_lib,
+                              semvae as semvae_lib, tasks)
 
 NUM_CLASSES = 10
 
@@ -62,7 +65,10 @@ def demo_config(quick: bool = False) -> ml_collections.ConfigDict:
                   lr=1e-3, kl_weight=1e-6, steps=steps(500, 60))
   c.sfd = dict(model=dict(hidden_size=64, depth=2, num_heads=2, repa_depth=1, repa_projector_dim=64),
                lr=2e-3, ema_decay=steps(0.995, 0.95), delta_t=0.3, steps=steps(1600, 350))
-  c.sample = dict(per_class=steps(20, 5), cfg_scale=2.0, rtol=1e-3, atol=1e-6, grid_per_class=steps(10, 5))
+  # The convergence study: both SFD runs are evaluated every `every` steps and at the end on the same samples
+  # (`per_class` of each class from fixed noise), unguided and with classifier-free guidance (`cfg_scales`).
+  c.eval = dict(every=steps(320, 125), per_class=steps(20, 5), cfg_scales=(1.0, 2.0), rtol=1e-3, atol=1e-6,
+                grid_per_class=steps(10, 5))
   c.lock()
   return c
 
@@ -151,11 +157,12 @@ class Demo:
     self.heldout_images = images_lib.Subset(self.digits, heldout)
 
   def _images_task(self, model, loss_fn, stage_cfg):
-    def make_data(shard_index, shard_count):
+    def make_data(shard_index, shard_count, start_step):
       return images_lib.image_pipeline(self.train_images, global_batch_size=stage_cfg.batch_size,
                                        seed=stage_cfg.seed, resolution=self.cfg.resolution, crop="center",
-                                       shard_index=shard_index, shard_count=shard_count, prefetch=2)
-    return loop.Task(model=model, loss_fn=loss_fn, make_data=make_data)
+                                       shard_index=shard_index, shard_count=shard_count, start_batch=start_step,
+                                       prefetch=2)
+    return loop.Task(model=model, loss_fn=loss_fn, make_data=make_data, dataset_size=len(self.train_images))
 
   def _train_and_export(self, name, model, loss_fn, stage_cfg, export_model, select=lambda p: p):
     """Trains `model` on the training digits (resuming), then exports `select(params)` as `export_model`."""
@@ -211,7 +218,9 @@ class Demo:
     extract_lib.extract(self.train_images, encoders, self.out / "latents", settings, progress=False)
     return self.out / "latents"
 
-  def sfd_config(self, delta_t: float) -> ml_collections.ConfigDict:
+  def sfd_config(self, delta_t: float, evaluate: bool = False) -> ml_collections.ConfigDict:
+    """The SFD stage's training config; with `evaluate`, the convergence study's evaluations (which need the
+    classifier's metrics: `sfd`)."""
     c, texture = self.cfg.sfd, self.cfg.texture_vae.model
     grid = self.cfg.resolution // self.cfg.classifier.model.patch_size
     scfg = _stage_config(self.cfg, c.steps, c.lr, c.ema_decay)
@@ -220,51 +229,66 @@ class Demo:
         num_classes=NUM_CLASSES, repa_z_dim=self.cfg.classifier.model.hidden_size, **c.model)
     scfg.loss.update(delta_t=delta_t, semantic_channels=self.cfg.semvae.model.latent_channels)
     scfg.data.update(path=str(self.out / "latents"), flip=False, prefetch=2)  # a mirrored digit is no digit
+    if evaluate:
+      e, samples = self.cfg.eval, self.cfg.eval.per_class * NUM_CLASSES
+      scfg.eval_every = e.every
+      scfg.sample.texture_vae = str(self.out / "texture_vae")
+      scfg.eval.update(features="task", num_samples=samples, batch_size=samples, cfg_scales=tuple(e.cfg_scales),
+                       method="dopri5", rtol=e.rtol, atol=e.atol, seed=self.cfg.seed + 1)
     return scfg
 
-  def sfd(self, name: str, delta_t: float) -> Path:
-    workdir = self.out / "runs" / name
-    scfg = self.sfd_config(delta_t)
-    loop.run(scfg, workdir, tasks.sfd_task(scfg))
-    return workdir
+  def sfd(self, name: str, delta_t: float, metrics: evaluation.Metrics) -> evaluation.Evaluation:
+    """Trains (or resumes) one SFD run, evaluated with `metrics` as it goes; returns its evaluation."""
+    scfg = self.sfd_config(delta_t, evaluate=True)
+    task = tasks.sfd_task(scfg, metrics)
+    loop.run(scfg, self.out / "runs" / name, task)
+    return task.evaluate
 
 
 # -------------------------------------------------------------------------------------------------------- scoring
 
-def score(demo: Demo, run: Path, classifier: DigitClassifier, classifier_params, real_features: np.ndarray,
-          delta_t: float) -> dict:
-  """Samples `per_class` digits of every class with Dopri5 + CFG; accuracy, FD and model calls per sample."""
-  c = demo.cfg.sample
-  model, variables, _ = generate.load_training_run(run)
-  vae = extract_lib.load_encoder("texture", demo.out / "texture_vae")
-  stats = json.loads((latents_lib.find_dataset(demo.out / "latents") / "stats.json").read_text())["texture"]
-  n = c.per_class * NUM_CLASSES
-  labels = jnp.arange(n, dtype=jnp.int32) % NUM_CLASSES
-  z = sampler.noise(jax.random.key(demo.cfg.seed + 1), jnp.arange(n),
-                    (model.input_size, model.input_size, model.in_channels))
-  semantic = demo.cfg.semvae.model.latent_channels
+def classifier_metrics(classifier: DigitClassifier, params, real_features: np.ndarray) -> evaluation.Metrics:
+  """The demo's evaluation metrics: the Fréchet distance between classifier features of the samples and of the
+  held-out digits (FID's formula on this network's features), and the class accuracy of the samples."""
+  apply = jax.jit(classifier.apply)
+  reference = fid.statistics(real_features.astype(np.float64))
 
-  @jax.jit
-  def sample_digits(variables, vae_variables):
-    velocity = sampler.cfg_velocity(model, variables, c.cfg_scale, NUM_CLASSES, 0.0, "both", semantic)
-    final, sample_stats = sampler.sample(velocity, z, labels, delta_t=delta_t, method="dopri5", rtol=c.rtol,
-                                         atol=c.atol, semantic_channels=semantic)
-    texture = denormalize_texture(final, stats["mean"], stats["std"], 1.0, model.in_channels - semantic)
-    images = to_uint8(vae.model.apply(vae_variables, texture, method=vae.model.decode))
-    return images, sample_stats["model_calls"]
+  def compute(images, labels):
+    logits, features = jax.device_get(apply({"params": params}, images))
+    return {"fd": fid.frechet_distance(fid.statistics(features.astype(np.float64)), reference, method="eigh"),
+            "class_accuracy": float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))}
+  return evaluation.Metrics(("fd", "class_accuracy"), compute)
 
-  images, calls = jax.device_get(sample_digits(variables, vae.variables))
-  logits, features = jax.device_get(jax.jit(classifier.apply)({"params": classifier_params}, images))
-  accuracy = float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
-  distance = fid.frechet_distance(fid.statistics(features.astype(np.float64)),
-                                  fid.statistics(real_features.astype(np.float64)), method="eigh")
-  # CFG evaluates the model on a doubled batch: each call costs two network passes per image.
-  per_class = [images[np.asarray(labels) == k][:c.grid_per_class] for k in range(NUM_CLASSES)]
+
+def write_grid(demo: Demo, name: str, evaluate: evaluation.Evaluation, cfg_scale: float) -> Path:
+  """`grid_<name>.png`: the run's final EMA weights sampled as its evaluations sample (the same noise), the ten
+  classes along the columns."""
+  _, variables, _ = generate.load_training_run(demo.out / "runs" / name)
+  params = jax.device_put(variables["params"], shd.replicated(evaluate.mesh))  # as in training: no recompiling
+  images, labels, _ = evaluate.sample(params, cfg_scale)
+  rows = demo.cfg.eval.grid_per_class
+  per_class = [images[labels == k][:rows] for k in range(NUM_CLASSES)]
   grid = np.concatenate([np.stack(row) for row in zip(*per_class)])  # each row holds the ten classes in order
-  grid_labels = np.tile(np.arange(NUM_CLASSES), c.grid_per_class)
-  generate.demo_grid(grid, grid_labels, NUM_CLASSES).save(demo.out / f"grid_{run.name}.png")
-  return {"class_accuracy": accuracy, "fd_classifier_features": float(distance), "model_calls_per_sample":
-          int(calls), "network_passes_per_sample": 2 * int(calls), "samples": n}
+  path = demo.out / f"grid_{name}.png"
+  generate.demo_grid(grid, np.tile(np.arange(NUM_CLASSES), rows), NUM_CLASSES).save(path)
+  return path
+
+
+def _scale_name(cfg_scale: float) -> str:
+  return "unguided" if cfg_scale == 1 else f"CFG {cfg_scale:g}"
+
+
+def evaluations(run: Path, cfg_scales) -> list[dict]:
+  """A run's evaluations from its metrics.jsonl: per evaluated step, FD, class accuracy and model calls per
+  guidance scale, and what the evaluation cost."""
+  rows = []
+  for r in metrics_lib.read_jsonl(run / "metrics.jsonl"):
+    if evaluation.SECONDS in r:
+      row = {"step": r["step"], "epoch": round(r.get("epoch", 0.0), 2), "seconds": round(r[evaluation.SECONDS], 1)}
+      for scale in cfg_scales:
+        row[_scale_name(scale)] = {k: r[evaluation.tag(scale, k)] for k in ("fd", "class_accuracy", "model_calls")}
+      rows.append(row)
+  return rows
 
 
 def real_features(demo: Demo, classifier: DigitClassifier, params) -> tuple[np.ndarray, float]:
@@ -308,21 +332,39 @@ def run(out, quick: bool = False) -> dict:
   semvae_dir = stage("SemVAE", demo.out / "semvae" / "model.json", demo.semvae, dino_dir)
   stage("extraction", demo.out / "latents" / latents_lib.NAME / latents_lib.VERSION / "stats.json", demo.extract,
         texture_dir, dino_dir, semvae_dir)
-  runs = {"sfd": demo.cfg.sfd.delta_t, "sync": 0.0}
+  reference, heldout_accuracy = real_features(demo, classifier, classifier_params)
+  metrics = classifier_metrics(classifier, classifier_params, reference)
+  runs, scales = {"sfd": demo.cfg.sfd.delta_t, "sync": 0.0}, tuple(demo.cfg.eval.cfg_scales)
+  evaluators = {}
   for name, delta_t in runs.items():
     finished = demo.out / "runs" / name / "checkpoints" / str(demo.cfg.sfd.steps)
-    stage(f"{'SFD' if delta_t else 'synchronous'} training (Δ = {delta_t})", finished, demo.sfd, name, delta_t)
-  reference, heldout_accuracy = real_features(demo, classifier, classifier_params)
-  results = {"quick": quick, "classifier_heldout_accuracy": heldout_accuracy, "runs": {}}
+    evaluators[name] = stage(f"{'SFD' if delta_t else 'synchronous'} training (Δ = {delta_t}), evaluated every "
+                             f"{demo.cfg.eval.every} steps", finished, demo.sfd, name, delta_t, metrics)
+  guided = max(scales)
+  stage("sample grids", None, lambda: [write_grid(demo, name, evaluators[name], guided) for name in runs])
+  results = {"quick": quick, "classifier_heldout_accuracy": heldout_accuracy, "cfg_scales": list(scales),
+             "samples_per_evaluation": demo.cfg.eval.per_class * NUM_CLASSES, "runs": {}}
   for name, delta_t in runs.items():
-    results["runs"][name] = {"delta_t": delta_t, **stage(f"sampling {name}", None, score, demo,
-                                                         demo.out / "runs" / name, classifier, classifier_params,
-                                                         reference, delta_t)}
+    rows = evaluations(demo.out / "runs" / name, scales)
+    final = rows[-1][_scale_name(guided)]
+    calls = int(round(final["model_calls"]))
+    results["runs"][name] = {"delta_t": delta_t, "step": rows[-1]["step"], "class_accuracy": final["class_accuracy"],
+                             "fd_classifier_features": final["fd"], "model_calls_per_sample": calls,
+                             "network_passes_per_sample": 2 * calls if guided > 1 else calls,
+                             "evaluations": rows}
+  convergence_png = plots.draw_runs(
+      {f"{name} (Δ = {delta_t})": metrics_lib.read_jsonl(demo.out / "runs" / name / "metrics.jsonl")
+       for name, delta_t in runs.items()},
+      [(f"{title}, {_scale_name(scale)}", evaluation.tag(scale, key)) for key, title in
+       (("fd", "FD of classifier features ↓"), ("class_accuracy", "class accuracy ↑")) for scale in scales],
+      demo.out / "convergence.png")
   results["timings_s"] = {**timings, "total": round(sum(timings.values()), 1)}
   results["reused_stages"] = reused
   results["this_run_s"] = round(time.perf_counter() - start, 1)
   results_path.write_text(json.dumps(results, indent=1))
   print(table(results), flush=True)
+  print(convergence_table(results), flush=True)
+  print(f"wrote {convergence_png}", flush=True)
   print(f"sample from the trained SFD model:\n  {sample_command(demo.out)}", flush=True)
   return results
 
@@ -334,7 +376,10 @@ def sample_command(out: Path) -> str:
 
 
 def table(results: dict) -> str:
+  """The final evaluation of both runs, guided."""
+  guided = _scale_name(max(results["cfg_scales"]))
   lines = [f"held-out accuracy of the demo classifier: {results['classifier_heldout_accuracy']:.3f} (chance 0.100)",
+           f"final evaluation ({guided}, {results['samples_per_evaluation']} samples, EMA weights):",
            "| run | Δ | class accuracy ↑ | FD (classifier features) ↓ | model calls / sample |",
            "|---|---|---|---|---|"]
   for name, r in results["runs"].items():
@@ -342,4 +387,24 @@ def table(results: dict) -> str:
                  f"{r['model_calls_per_sample']} |")
   reused = f" ({len(results['reused_stages'])} stages reused from an earlier run)" if results["reused_stages"] else ""
   lines.append(f"total time {results['timings_s']['total']:.0f} s{reused}")
+  return "\n".join(lines)
+
+
+def convergence_table(results: dict) -> str:
+  """FD / class accuracy of both runs against step, unguided and guided: the convergence study."""
+  runs, scales = results["runs"], [_scale_name(s) for s in results["cfg_scales"]]
+  by_step = {}
+  for name, r in runs.items():
+    for row in r["evaluations"]:
+      by_step.setdefault(row["step"], {"epoch": row["epoch"]})[name] = row
+  lines = ["convergence: FD (classifier features) ↓ / class accuracy ↑ against training step",
+           "| step | epoch | " + " | ".join(f"{name} {scale}" for scale in scales for name in runs) + " |",
+           "|---" * (2 + len(scales) * len(runs)) + "|"]
+  for step, rows in sorted(by_step.items()):
+    cells = [f"{rows[name][scale]['fd']:.2f} / {rows[name][scale]['class_accuracy']:.3f}" if name in rows else "–"
+             for scale in scales for name in runs]
+    lines.append(f"| {step} | {rows['epoch']:.1f} | " + " | ".join(cells) + " |")
+  seconds = [row["seconds"] for r in runs.values() for row in r["evaluations"]]
+  lines.append(f"seconds per evaluation (both scales): {min(seconds):.1f}–{max(seconds):.1f} (the first of each "
+               "run includes compiling)")
   return "\n".join(lines)

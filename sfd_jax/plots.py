@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from etils import epath
 
+from sfd_jax import storage
 from sfd_jax.errors import UserError
 
 TRAINING_KEYS = ("lr", "images_per_s", "grad_norm")  # after the loss terms, in this order, where logged
@@ -40,12 +41,12 @@ def _figure(panels: int, columns: int = 3, size: tuple[float, float] | None = No
 
 
 def _save(figure, path: epath.Path) -> None:
-  """PNG to `path`, written under a temporary name and renamed: a reader never sees half a picture."""
+  """PNG to `path` (local or gs://), written whole: a reader never sees half a picture (`storage.write_bytes`)."""
+  import io
   path.parent.mkdir(parents=True, exist_ok=True)
-  partial = path.parent / f".{path.name}.partial"
-  with partial.open("wb") as f:
-    figure.savefig(f, format="png")
-  partial.replace(path)
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png")
+  storage.write_bytes(path, buffer.getvalue())
 
 
 def smooth(values, weight: float) -> np.ndarray:
@@ -82,6 +83,14 @@ def _epoch_axis(ax, records: Sequence[dict]) -> None:
     top.tick_params(labelsize=7)
 
 
+def _log_if_wide(ax, values) -> None:
+  """A logarithmic y axis for a positive curve that spans more than a factor of 20 (FID from its first
+  evaluations on, a gradient norm)."""
+  values = np.concatenate([np.asarray(v, np.float64) for v in values]) if len(values) else np.zeros(0)
+  if len(values) and values.min() > 0 and values.max() > 20 * values.min():
+    ax.set_yscale("log")
+
+
 def _style(ax, title: str, records: Sequence[dict]) -> None:
   ax.set_title(title, fontsize=9)
   ax.set_xlabel("step", fontsize=8)
@@ -105,8 +114,8 @@ def training_figure(records: Sequence[dict]):
       ax.plot(steps, smooth(values, auto_weight(len(values))), color="C0", linewidth=1.5)
     else:
       ax.plot(steps, values, color="C1", linewidth=1.2)
-      if key == "grad_norm" and len(values) and values.min() > 0:
-        ax.set_yscale("log")
+      if key == "grad_norm":
+        _log_if_wide(ax, [values])
     _style(ax, {"images_per_s": "images / s", "lr": "learning rate", "grad_norm": "gradient norm"}.get(key, key),
            records)
   return figure
@@ -127,6 +136,7 @@ def eval_figure(records: Sequence[dict]):
     return None
   figure, axes = _figure(len(groups))
   for ax, (metric, keys) in zip(axes, groups.items()):
+    _log_if_wide(ax, [_series(records, key)[1] for key in keys])
     for key in keys:
       steps, values = _series(records, key)
       label = key.removeprefix("eval/").rsplit("/", 1)[0] if key.count("/") > 1 else None
@@ -203,6 +213,7 @@ def draw_runs(runs: Mapping[str, Sequence[dict]], panels: Sequence[tuple[str, st
   the metric means (`metric_keys`); evaluations are drawn with markers. Returns the path written."""
   figure, axes = _figure(len(panels), columns, size)
   for ax, (title, metric) in zip(axes, panels):
+    _log_if_wide(ax, [_series(records, key)[1] for records in runs.values() for key in metric_keys(records, metric)])
     for label, records in runs.items():
       for key in metric_keys(records, metric):
         steps, values = _series(records, key)

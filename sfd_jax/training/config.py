@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   """The official SFD-XL recipe for the objective, optimiser and EMA; machine settings for one host."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.init_from = ""             # a new run's params and EMA from this training workdir's newest checkpoint
   c.model = model_config("XL")
   c.loss = dict(
       delta_t=0.3,               # semfirst_delta_t: how far semantics run ahead
@@ -92,6 +93,23 @@ def base_config() -> ml_collections.ConfigDict:
       texture_vae="",            # exported texture VAE (or official .ckpt): decode to a PNG grid; empty:
                                  # latent statistics and a picture of three texture channels
   )
+  c.eval_every = 0               # steps between evaluations during training (0: never); the last step too
+  c.eval = dict(                 # metrics of EMA samples decoded with sample.texture_vae (training.evaluation)
+      num_samples=10_000,        # fixed noise and balanced labels: the same images at every evaluation
+      batch_size=256,            # global, split over every device
+      features="inception",      # inception: FID, sFID, IS, precision, recall with the FID Inception | task: the
+                                 # task's own metrics (the demo's digit classifier: FD and class accuracy)
+      reference="",              # ADM reference batch (.npz with arr_0 and/or mu, sigma, mu_s, sigma_s)
+      inception="",              # FID Inception weights; empty: $SFD_INCEPTION_WEIGHTS or the default path
+      cfg_scales=(1.0,),         # one evaluation per classifier-free guidance scale; 1 is unguided
+      cfg_interval_start=0.0,
+      method="dopri5",           # dopri5 | euler | heun
+      num_steps=250,
+      shift=0.0,
+      rtol=1e-3,
+      atol=1e-6,
+      seed=0,
+  )
   c.mesh = dict(data=-1, fsdp=1)
   # (regex on the param path, spec): the first match wins; () replicates, ("fsdp_largest",) shards the largest
   # dimension divisible by the fsdp size; tensors under min_size elements are replicated.
@@ -115,6 +133,9 @@ VALUE_RANGES = (
     ("sample.num_images", 1, None), ("sample.num_steps", 2, None), ("sample.rtol", 0.0, None),
     ("sample.atol", 0.0, None), ("sample.shift", 0.0, None), ("sample.cfg_scale", 0.0, None),
     ("sample.cfg_interval_start", 0.0, 1.0),
+    ("eval_every", 0, None), ("eval.num_samples", 4, None), ("eval.batch_size", 1, None), ("eval.num_steps", 2, None),
+    ("eval.rtol", 0.0, None), ("eval.atol", 0.0, None), ("eval.shift", 0.0, None),
+    ("eval.cfg_interval_start", 0.0, 1.0),
     ("optim.lr", 0.0, None), ("optim.b1", 0.0, 1.0), ("optim.b2", 0.0, 1.0), ("optim.eps", 0.0, None),
     ("optim.weight_decay", 0.0, None), ("optim.warmup_steps", 0, None), ("optim.constant_steps", 0, None),
     ("optim.decay_steps", 0, None), ("optim.end_lr", 0.0, None), ("optim.max_grad_norm", 0.0, None),

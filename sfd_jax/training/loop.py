@@ -14,12 +14,11 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
 
-from sfd_jax import sharding as shd
+from sfd_jax import sharding as shd, storage
 from sfd_jax.console import say
 from sfd_jax.errors import Preempted, UserError
 from sfd_jax.training import (checkpoint as ckpt_lib, config as config_lib, metrics as metrics_lib, state as state_lib,
@@ -35,25 +34,33 @@ class Task:
   """What the loop trains: a model, its objective, its data, and an optional periodic hook."""
   model: Any                                  # flax module with `dummy_inputs()`
   loss_fn: Callable                           # (params, batch, rng, positions) -> (loss, metrics)
-  make_data: Callable[..., Iterator]          # (shard_index, shard_count) -> checkpointable iterator of host rows
+  make_data: Callable[..., Iterator]          # (shard_index, shard_count, start_step) -> iterator of host rows
   flops_per_sample: float = 0.0               # model FLOPs of one training sample (for MFU)
   periodic: Callable | None = None            # (state, step, writer) -> None, every cfg.sample_every steps
+  dataset_size: int = 0                       # training examples, for epochs = step × batch_size / dataset_size
+  evaluate: Any = None                        # a training.evaluation.Evaluation: metrics every cfg.eval_every steps
   # Device-side work on each global batch before the step, e.g. a frozen encoder computing its features
   # (jitted by the task; it must not depend on the step, so runs stay reproducible).
   preprocess: Callable | None = None
 
 
 class _StopRequest:
-  """SIGTERM (or SIGINT) asks the loop to finish its step, save, and exit cleanly. It stays installed until the last
-  checkpoint is complete, so a signal that arrives while it is written (a second one too) cannot cut it short."""
+  """SIGTERM (or SIGINT) asks a one-process run to finish its step, save, and exit cleanly. Once a signal came,
+  later ones (during the last save, a second notice) are only noted, and after the loop ignored, so none can cut
+  the checkpoint or the exit short.
+
+  A multi-process run leaves the signals to JAX's preemption service (started by jax.distributed), whose handler
+  makes every process stop at the same step (`Checkpointer.reached_preemption`); a Python handler would replace it.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
+    if jax.process_count() == 1:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
@@ -63,7 +70,9 @@ class _StopRequest:
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+      # Once stopping, later signals are ignored: the checkpoint is complete and the process is on its way out
+      # (Python's own teardown would put back the default handlers, which kill).
+      signal.signal(sig, signal.SIG_IGN if self.requested else handler)
 
 
 def _device_batch(mesh, batch):
@@ -74,24 +83,26 @@ def run(cfg, workdir, task: Task) -> dict:
   """Trains until `cfg.total_steps`; returns the last logged scalars. Raises `Preempted` after a stop signal or a
   preemption notice, once the checkpoint of the step reached is complete."""
   config_lib.check_values(cfg)
-  workdir = Path(workdir).absolute()
+  workdir = storage.path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
+    storage.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=1))
   mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
   shd.check_batch_size(mesh, cfg.batch_size)
   say(f"devices: {jax.device_count()} × {jax.devices()[0].device_kind} in {jax.process_count()} process(es), mesh "
       f"data {mesh.shape['data']} × fsdp {mesh.shape['fsdp']}")
   tx = state_lib.make_optimizer(cfg.optim)
   abstract, shardings = state_lib.abstract_train_state(task.model, tx, mesh, cfg.sharding)
-  data = task.make_data(jax.process_index(), jax.process_count())
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", cfg.keep_checkpoints, cfg.keep_period)
-  state, step = checkpointer.restore_latest(abstract, data)
+  state, step = checkpointer.restore_latest(abstract)
+  missed = state is not None and task.evaluate is not None and task.evaluate.missed(workdir, step)
   if state is None:
     state, _ = state_lib.create_train_state(task.model, tx, mesh, cfg.sharding, jax.random.key(cfg.seed))
     step = 0
-    say(f"new run in {workdir}")
-  elif step >= cfg.total_steps:
+    if cfg.init_from:
+      state = _init_from(cfg.init_from, state, abstract)
+    say(f"new run in {workdir}" + (f", params and EMA from {cfg.init_from}" if cfg.init_from else ""))
+  elif step >= cfg.total_steps and not missed:
     checkpointer.close()
     say(f"already at total_steps={cfg.total_steps} (checkpoint {step} in {checkpointer.directory}): nothing to do")
     return {}
@@ -102,6 +113,11 @@ def run(cfg, workdir, task: Task) -> dict:
     from clu import parameter_overview
     say(f"model: {parameter_overview.count_parameters(state.params):,} parameters; training to step {cfg.total_steps}")
     logging.info("model parameters:\n%s", parameter_overview.get_parameter_overview(state.params))
+  writer.write_hparams(cfg.to_dict(), ("loss", *(task.evaluate.tags if task.evaluate is not None else ())))
+  if missed:
+    say(f"the evaluation of step {step} was interrupted before it was logged: evaluating again")
+    task.evaluate(state, step, writer)
+  data = task.make_data(jax.process_index(), jax.process_count(), step)
   train_step = step_lib.make_train_step(task.loss_fn, tx, cfg, mesh, shardings)
   config_json = cfg.to_json_best_effort()
   last_saved = step if step else None
@@ -109,7 +125,8 @@ def run(cfg, workdir, task: Task) -> dict:
 
   def save(at):
     nonlocal last_saved
-    checkpointer.save(at, state, data, config_json)
+    checkpointer.save(at, state, config_json)
+    writer.flush()
     last_saved = at
 
   with _StopRequest() as stop:
@@ -135,20 +152,43 @@ def run(cfg, workdir, task: Task) -> dict:
           window, window_start = [], (step, time.perf_counter())
         if step % cfg.ckpt_every == 0 or end:
           save(step)
+        hooks_start = time.perf_counter()
         if (task.periodic is not None and cfg.sample_every and not stopping
             and (step % cfg.sample_every == 0 or step == cfg.total_steps)):
           task.periodic(state, step, writer)
+        if task.evaluate is not None and not stopping and task.evaluate.due(step):
+          task.evaluate(state, step, writer)
+        window_start = (window_start[0], window_start[1] + time.perf_counter() - hooks_start)  # not training time
         if end:
           break
     finally:
       checkpointer.wait()  # still under the signal handler: a SIGTERM now cannot cut the last checkpoint short
       checkpointer.close()
       writer.close()
-  if step < cfg.total_steps:
+  if step < cfg.total_steps or stop.requested:
     raise Preempted(f"stopped at step {step} of {cfg.total_steps}; checkpoint {step} is complete in "
                     f"{checkpointer.directory}: run the same command again to resume")
   say(f"done: step {step}, checkpoint in {checkpointer.directory}")
   return scalars
+
+
+def _init_from(source, state, abstract):
+  """`state` with the params and EMA params of the newest readable checkpoint of the run in `source` (a workdir):
+  a new run that starts from trained weights with a fresh optimiser (fine-tuning, another optimiser)."""
+  checkpointer = ckpt_lib.Checkpointer(storage.path(source) / "checkpoints")
+  try:
+    steps = checkpointer.steps()
+    if not steps:
+      raise UserError(f"config.init_from={source} has no finished checkpoint; give a training workdir")
+    loaded = {which: checkpointer.restore_params(steps[-1], getattr(abstract, which), which)
+              for which in ("params", "ema_params")}
+  except ValueError as e:  # orbax: the stored tree has other leaves or shapes
+    raise UserError(f"config.init_from={source}: checkpoint {steps[-1]} does not hold this model's params "
+                    f"({str(e).splitlines()[0][:300]})") from None
+  finally:
+    checkpointer.close()
+  logging.info("params and EMA params from checkpoint %d of %s", steps[-1], source)
+  return state.replace(**loaded)
 
 
 def _check_finite(window, first_step, policy, last_saved, directory):
@@ -171,6 +211,8 @@ def _scalars(window, window_start, step, cfg, task, mesh) -> dict:
   steps_per_s = (step - window_start[0]) / seconds if step > window_start[0] else 0.0
   scalars.update(steps_per_s=steps_per_s, images_per_s=steps_per_s * cfg.batch_size,
                  eta_s=(cfg.total_steps - step) / max(steps_per_s, 1e-9))
+  if task.dataset_size:
+    scalars["epoch"] = step * cfg.batch_size / task.dataset_size
   mfu = metrics_lib.mfu(3 * task.flops_per_sample * cfg.batch_size, 1 / max(steps_per_s, 1e-9), mesh.devices.size)
   if mfu is not None and steps_per_s:
     scalars["mfu"] = mfu

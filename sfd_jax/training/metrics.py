@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import jax
 import numpy as np
+
+from sfd_jax import storage
 
 from sfd_jax.plan import PEAK_BF16_FLOPS  # dense bf16 peak per device kind, from the one chip table (plan.CHIPS)
 
@@ -30,7 +31,8 @@ class MetricWriter:
   """Scalars to `metrics.jsonl` and TensorBoard (tensorboardX), images to PNG and TensorBoard; process 0 only.
 
   On resume the jsonl keeps only the lines up to the restored step, so a run killed between checkpoints logs
-  the steps it redoes once; a line torn by a crash mid-write is dropped.
+  the steps it redoes once; a line torn by a crash mid-write is dropped. The run's plots (`sfd_jax.plots`) are
+  redrawn from the jsonl as it grows (at most once a minute) and when the writer closes.
   """
 
   def __init__(self, workdir, resume_step: int = 0):
@@ -38,45 +40,84 @@ class MetricWriter:
     if not self.active:
       return
     import tensorboardX
-    self.workdir = Path(workdir)
-    self.jsonl = self.workdir / "metrics.jsonl"
-    if self.jsonl.exists():
-      records = read_jsonl(self.jsonl)
-      self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= resume_step))
-    self.tb = tensorboardX.SummaryWriter(str(self.workdir / "tensorboard"))
+    self.workdir = storage.path(workdir)
+    self.remote = storage.is_remote(self.workdir)
+    path = self.workdir / "metrics.jsonl"
+    if path.exists():
+      records = read_jsonl(path)
+      storage.write_text(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= resume_step))
+    self.jsonl = storage.GrowingTextFile(path)
+    # In a bucket every flush uploads the whole event file again: there it happens every minute and on `flush`.
+    self.tb = tensorboardX.SummaryWriter(str(self.workdir / "tensorboard"), flush_secs=60)
+    from sfd_jax.plots import RunPlots
+    self.plots = RunPlots(self.workdir)
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     if not self.active:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    with self.jsonl.open("a") as f:
-      f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    self.jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    self.jsonl.flush()
     for key, value in scalars.items():
       self.tb.add_scalar(key, value, step)
+    if not self.remote:
+      self.tb.flush()
+    self.plots.maybe_update()
+
+  def write_hparams(self, config: dict, metrics: tuple[str, ...]) -> None:
+    """The run's config, flattened, for TensorBoard's HParams dashboard, which shows it beside the last values
+    of `metrics` (scalar tags of this run)."""
+    if not self.active:
+      return
+    from tensorboardX.summary import hparams
+    for summary in hparams(flat_hparams(config), {tag: 0.0 for tag in metrics}):
+      self.tb.file_writer.add_summary(summary)
     self.tb.flush()
 
-  def write_image(self, step: int, name: str, image) -> Path | None:
+  def write_image(self, step: int, name: str, image):
     """Writes an (H, W, 3) uint8 image as `<workdir>/samples/<name>_<step>.png` and to TensorBoard."""
     if not self.active:
       return None
-    from PIL import Image
     path = self.workdir / "samples" / f"{name}_{step:08d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(image)).save(path)
+    storage.write_png(path, image)
     self.tb.add_image(name, np.asarray(image), step, dataformats="HWC")
-    self.tb.flush()
+    if not self.remote:
+      self.tb.flush()
     return path
+
+  def flush(self) -> None:
+    """Everything written so far reaches the files (a bucket's objects too): called with every checkpoint."""
+    if self.active:
+      self.jsonl.flush(force=True)
+      self.tb.flush()
 
   def close(self) -> None:
     if self.active:
+      self.jsonl.close()
       self.tb.close()
+      self.plots.update()
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict:
+  """{'optim.lr': 1e-4, ...}: numbers, strings and booleans as they are, anything else (tuples) as its JSON."""
+  flat = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      flat.update(flat_hparams(value, f"{name}."))
+    elif isinstance(value, (bool, int, float, str)):
+      flat[name] = value
+    else:
+      flat[name] = json.dumps(value, default=str)
+  return flat
 
 
 def read_jsonl(path) -> list[dict]:
   """The records of a metrics.jsonl; lines that do not parse (a tail torn by a crash mid-write) are left out, with
   a warning."""
   records, torn = [], 0
-  for line in Path(path).read_text(errors="replace").splitlines():
+  for line in storage.path(path).read_bytes().decode(errors="replace").splitlines():
     try:
       record = json.loads(line)
     except json.JSONDecodeError:
@@ -108,10 +149,11 @@ def format_duration(seconds: float) -> str:
 
 
 def progress_line(step: int, total: int, scalars: dict) -> str:
-  """One console line: step, losses, speed, MFU, ETA."""
+  """One console line: step (and epoch), losses, speed, MFU, ETA."""
   losses = " ".join(f"{k.removeprefix('loss_')} {scalars[k]:.4f}" for k in sorted(scalars)
                     if k.startswith("loss_"))
-  parts = [f"step {step}/{total}", f"loss {scalars.get('loss', float('nan')):.4f} ({losses})",
+  parts = [f"step {step}/{total}" + (f" (epoch {scalars['epoch']:.2f})" if "epoch" in scalars else ""),
+           f"loss {scalars.get('loss', float('nan')):.4f} ({losses})",
            f"{scalars['steps_per_s']:.2f} step/s {scalars['images_per_s']:.1f} img/s"]
   if "mfu" in scalars:
     parts.append(f"MFU {100 * scalars['mfu']:.1f}%")

@@ -11,7 +11,7 @@ from sfd_jax.diffusion import sampler
 from sfd_jax.errors import UserError
 from sfd_jax.models.dinov2 import repa_features
 from sfd_jax.models.texture_vae import denormalize_texture, to_uint8
-from sfd_jax.training import config as config_lib, loop, step as step_lib
+from sfd_jax.training import config as config_lib, evaluation, loop, step as step_lib
 
 
 def latent_source(data_cfg, model_cfg, loss_cfg):
@@ -47,8 +47,9 @@ def _check_layout(spec, model_cfg, loss_cfg, path):
     raise UserError(f"the latent dataset {path} does not fit the model: {'; '.join(problems)}")
 
 
-def sfd_task(cfg) -> loop.Task:
-  """SFD training of the LightningDiT of `cfg.model` on the latents of `cfg.data`."""
+def sfd_task(cfg, eval_metrics: evaluation.Metrics | None = None) -> loop.Task:
+  """SFD training of the LightningDiT of `cfg.model` on the latents of `cfg.data`; evaluated every `eval_every`
+  steps with the FID Inception, or with `eval_metrics` (`eval.features='task'`)."""
   config_lib.check_values(cfg)
   model = config_lib.build_model(cfg.model)
   source = latent_source(cfg.data, cfg.model, cfg.loss)
@@ -56,18 +57,21 @@ def sfd_task(cfg) -> loop.Task:
   stored_tokens = bool(source.spec.get("dino_dtype"))
   use_images = use_repa and not stored_tokens
 
-  def make_data(shard_index, shard_count):
+  def make_data(shard_index, shard_count, start_step):
     return latents_lib.latent_pipeline(
         source, source.stats, global_batch_size=cfg.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
         flip=cfg.data.flip, use_dino=use_repa and stored_tokens, use_images=use_images, shard_index=shard_index,
-        shard_count=shard_count, num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
+        shard_count=shard_count, start_batch=start_step, num_workers=cfg.data.num_workers,
+        prefetch=cfg.data.prefetch)
 
   preprocess, flops = None, model.forward_flops()
   if use_images:
     preprocess, dino_flops = dino_preprocess(cfg, source.spec["image_size"])
     flops += dino_flops / 3  # the loop counts 3× the per-sample FLOPs; DINOv2 only runs forward
   return loop.Task(model=model, loss_fn=step_lib.sfd_loss_fn(model, cfg), make_data=make_data,
-                   flops_per_sample=flops, periodic=sample_hook(cfg, model, source.stats), preprocess=preprocess)
+                   flops_per_sample=flops, periodic=sample_hook(cfg, model, source.stats), preprocess=preprocess,
+                   dataset_size=len(source),
+                   evaluate=evaluation.for_run(cfg, model, source.stats, eval_metrics, len(source)))
 
 
 def dino_preprocess(cfg, image_size: int):
