@@ -1,6 +1,6 @@
 """The AutoGuidance guide: LightningDiT-B/1 with the SFD recipe for 400K steps (configs/sfd/autoguidance_b).
 
-The released guides are its EMA checkpoints at 60K-120K steps (spec §3.4): keep them with
+The released guides are its EMA checkpoints at 60K-120K steps: keep them with
 --config.keep_period=10000 and sample with `--guide_model=<workdir>` at the chosen step.
 """
 from sfd_jax.training import config as config_lib

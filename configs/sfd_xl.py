@@ -1,4 +1,4 @@
-"""SFD-XL: the official LightningDiT-XL/1 recipe (configs/sfd/lightningdit_xl/{train,inference}.yaml, spec §1-§3).
+"""SFD-XL: the official LightningDiT-XL/1 recipe (configs/sfd/lightningdit_xl/{train,inference}.yaml).
 
 Batch 256, AdamW lr 1e-4 (0.9, 0.999), no weight decay, no clipping, EMA 0.9999, Δ 0.3, β 2, cosine velocity
 loss, REPA at depth 2 with λ 1 ('cos'), logit-normal t, class dropout 0.1, 4M steps; sampling with dopri5

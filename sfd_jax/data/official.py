@@ -1,6 +1,6 @@
 """Official SFD (LightningDiT-layout) latent shards → the latent dataset format (`sfd_jax.data.latents`).
 
-The official training data (spec §2.4) is a directory of `*.safetensors` shards, read in sorted order, holding
+The official training data is a directory of `*.safetensors` shards, read in sorted order, holding
 per image the NCHW arrays `latents` / `latents_flip` (texture, (n, 32, 16, 16)), `latents_sv` / `latents_sv_flip`
 (semantic, (n, 16, 16, 16)), optionally `feats_dino` / `feats_dino_flip` (DINOv2 tokens as (n, 768, 16, 16) maps)
 and `labels` (n,), with `latents_stats.pt` / `latents_sv_stats.pt` ({'mean', 'std'}, each (1, C, 1, 1)) next to

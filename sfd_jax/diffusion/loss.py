@@ -1,4 +1,4 @@
-"""The SFD objective (spec §2.2): weighted velocity MSE + cosine velocity loss + REPA, as the official
+"""The SFD objective: weighted velocity MSE + cosine velocity loss + REPA, as the official
 `Transport.training_losses` and `train.py` compute it.
 
 `loss_terms` takes every random draw as an argument (for parity with the official code); `sfd_loss` draws them

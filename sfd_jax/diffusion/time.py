@@ -1,6 +1,6 @@
 """Training time for SFD: base time t ∈ (0, 1), stretched into one time per stream, and the linear interpolant.
 
-t = 0 is noise and t = 1 is data (spec §0.3). With offset Δ the semantic stream runs ahead:
+t = 0 is noise and t = 1 is data. With offset Δ the semantic stream runs ahead:
 t_sem = min((1+Δ)t, 1), t_tex = max((1+Δ)t − Δ, 0); Δ = 0 gives ordinary synchronous flow matching.
 """
 from __future__ import annotations

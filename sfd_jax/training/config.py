@@ -1,7 +1,7 @@
 """The defaults of every training knob, as locked `ml_collections` configs.
 
-Each field of the official YAMLs and train.py has a named field here with the official value as default
-(spec §2). `configs/*.py` start from `base_config()` and change what their recipe changes; configs are locked,
+Each field of the official YAMLs and train.py has a named field here with the official value as default.
+`configs/*.py` start from `base_config()` and change what their recipe changes; configs are locked,
 so a typo in an override is an error that names the field.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from sfd_jax.models.dit import LightningDiT, preset_fields
 
 
 def model_config(preset: str = "XL", **overrides) -> ml_collections.ConfigDict:
-  """The LightningDiT-SFD fields for an official size (spec §1.1 values for the rest)."""
+  """The LightningDiT-SFD fields for an official size (the official values for the rest)."""
   fields = dict(input_size=16, patch_size=1, in_channels=48, **preset_fields(preset), mlp_ratio=4.0, num_classes=1000,
                 dual_timestep=True, use_repa=True, repa_depth=2, repa_projector_dim=2048, repa_z_dim=768,
                 remat_policy="none", dtype="float32")

@@ -1,4 +1,4 @@
-"""The Semantic VAE objective and its training task (paper §3.2.1, A.1 and Table 7; no official code, spec §6).
+"""The Semantic VAE objective and its training task (paper §3.2.1, A.1 and Table 7; no official code).
 
 L = L_MSE + L_cos + λ_kl·L_KL between the DINOv2 patch tokens f of an image and their reconstruction f̂ from a
 posterior sample s = μ + σ·ε (Eq. 6–10):
