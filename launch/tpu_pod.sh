@@ -119,7 +119,7 @@ install_sfd_jax() {
   # A run still going there (this script was restarted) is stopped first: it saves and exits 75.
   on_workers all 'if [ -x ~/sfd_jax/launch/pod_worker.sh ]; then ~/sfd_jax/launch/pod_worker.sh stop; fi &&
     rm -rf ~/sfd_jax && mkdir ~/sfd_jax && tar -xzf ~/sfd_jax.tar.gz -C ~/sfd_jax &&
-    bash ~/sfd_jax/launch/setup_venv.sh ~/sfd_jax tpu' || return 1
+    bash ~/sfd_jax/launch/setup_venv.sh ~/sfd_jax/.venv tpu' || return 1
   [[ -z "$DATA_BUCKET" ]] || mount_data_bucket
 }
 

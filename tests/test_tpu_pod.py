@@ -178,7 +178,7 @@ def test_stock_out_then_a_finished_run(checkout, tmp_path):
                          "--workdir=gs://bucket/sfd_xl", "--config.data.path=gs://bucket/latents",
                          "--config.mesh.fsdp=4"]
   install = next(a for c in calls for a in c if "setup_venv.sh" in a)
-  assert "tar -xzf ~/sfd_jax.tar.gz -C ~/sfd_jax" in install and "launch/setup_venv.sh ~/sfd_jax tpu" in install
+  assert "tar -xzf ~/sfd_jax.tar.gz -C ~/sfd_jax" in install and "launch/setup_venv.sh ~/sfd_jax/.venv tpu" in install
   assert calls[-1] == ["compute", "tpus", "queued-resources", "delete", "sfd-xl", "--force", "--project=proj",
                        "--zone=us-east5-a", "--quiet"]
   archived = subprocess.run(["tar", "-tzf", str(tmp_path / "fake" / "archive.tar.gz")], capture_output=True,
