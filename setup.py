@@ -39,18 +39,23 @@ RUNTIME = [
     "matplotlib>=3.9",  # run plots (sfd_jax.plots, Agg canvas); 3.9: the first built for numpy 2
 ]
 
+X
+
 EXTRAS = {
-    # Accelerators: the jax build with its runtime (libtpu, or the CUDA/cuDNN/NCCL wheels).
-    "tpu": ["jax[tpu]>=0.10.2"],
+    # gs://bucket/... workdirs and outputs (orbax and tensorstore reach buckets without them).
+    "gcs": GCS,
+    # Accelerators: the jax build with its runtime (libtpu, or the CUDA/cuDNN/NCCL wheels); TPU runs write to buckets.
+    "tpu": ["jax[tpu]>=0.10.2", *GCS],
     "cuda12": ["jax[cuda12]>=0.10.2"],
     "cuda13": ["jax[cuda13]>=0.10.2"],
     # Writing official .pt files (`cli.convert --to_torch`) and the torch references of the parity tests. PyPI's
     # torch is a CUDA build of several GB; the CPU build: --extra-index-url https://download.pytorch.org/whl/cpu
     "torch": ["torch>=2.13.0"],
     # The tests. transformers' Dinov2WithRegistersModel (torch) is the reference of the DINOv2 parity tests;
-    # nbclient and ipykernel execute the Colab notebook.
+    # nbclient and ipykernel execute the Colab notebook; libtpu (jax[tpu]) compiles the planner's TPU programs on
+    # this CPU; gcp-storage-emulator stands in for Cloud Storage.
     "test": ["pytest>=9.2.0", "pytest-timeout>=2.4.0", "nbformat>=5.11.1", "nbclient>=0.11.0", "ipykernel>=7.4.0",
-             "transformers>=5.23.0"],
+             "transformers>=5.23.0", "jax[tpu]>=0.10.2", "gcp-storage-emulator>=2026.7.19", *GCS],
 }
 
 setup(

@@ -19,6 +19,8 @@ from ml_collections import ConfigDict
 from sfd_jax.training import checkpoint as ckpt_lib, config as config_lib, state as state_lib
 from tests.golden import REPO, free_port, subprocess_env
 
+pytestmark = pytest.mark.slow  # several multi-process trainings (minutes): the full suite's tier only
+
 SMOKE = str(REPO / "configs" / "smoke.py")
 STEPS = ("log_every=1", "ckpt_every=1000", "sample_every=0")
 

@@ -19,6 +19,8 @@ from sfd_jax.errors import UserError  # noqa: E402
 from sfd_jax.training import config as config_lib, state as state_lib  # noqa: E402
 from tests.tiny import tiny_config  # noqa: E402
 
+pytestmark = pytest.mark.slow  # TPU compiles with libtpu (minutes): the full suite's tier only
+
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGY, CHIPS = "v5e:2x2", 4
 
