@@ -1,0 +1,31 @@
+"""One metric of several training runs in one picture: `python -m sfd_jax.cli.plot RUN1 RUN2 ... --metric=fid`.
+
+Each RUN is a training workdir (or its metrics.jsonl). A metric name means the key itself (`loss`, `lr`,
+`images_per_s`, `eval/cfg1/fid`) or every evaluation key that ends in it (`fid`: one line per run and guidance
+scale). Every run also keeps its own pictures in `<workdir>/plots/` (see `sfd_jax.plots`).
+"""
+from __future__ import annotations
+
+from absl import flags
+
+from sfd_jax import plots
+from sfd_jax.cli import common
+from sfd_jax.console import say
+from sfd_jax.errors import UserError
+
+flags.DEFINE_string("metric", "fid", "What to draw: a metrics.jsonl key, or an evaluation metric's last name part.")
+flags.DEFINE_string("out", None, "The PNG to write; default <metric>.png in the current directory.")
+flags.DEFINE_float("smoothing", 0.0, "TensorBoard's smoothing weight in [0, 1) (0: the values as logged).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  runs = argv[1:]
+  if not runs:
+    raise UserError("give the runs to compare: python -m sfd_jax.cli.plot RUN1 RUN2 ... --metric=fid")
+  out = FLAGS.out or f"{FLAGS.metric.replace('/', '_')}.png"
+  say(f"wrote {plots.compare(runs, FLAGS.metric, out, FLAGS.smoothing)}")
+
+
+if __name__ == "__main__":
+  common.run(main, positional=True)
