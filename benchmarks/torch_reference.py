@@ -90,7 +90,7 @@ class TimestepEmbedder(nn.Module):
     self.mlp = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
 
   def forward(self, t):
-    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
+    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32, device=t.device) / 128)
     args = t.float()[:, None] * freqs[None]
     return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], -1))
 
@@ -165,7 +165,7 @@ def sfd_loss(model, x1, x0, t, y, dino, delta_t=0.3, semantic_weight=2.0, semant
                   t_sem[:, None, None, None] * x1[:, c:] + (1 - t_sem[:, None, None, None]) * x0[:, c:]], 1)
   target = x1 - x0
   v, z = model(xt, t_tex, t_sem, y)
-  w = torch.ones(x1.shape[1])
+  w = torch.ones(x1.shape[1], device=x1.device)
   w[c:] = semantic_weight
   mse = (w[None, :, None, None] * (v - target) ** 2).mean((1, 2, 3))
   cos = (1 - F.cosine_similarity(v, target, dim=1)).mean((1, 2))

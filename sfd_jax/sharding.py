@@ -74,11 +74,12 @@ def constrain_batch(x):
   step's batch is.
 
   Called on the activations a scanned layer carries, so that XLA keeps the batch split inside the loop instead of
-  re-laying the activations out to suit the (FSDP-sharded) weights. Without a mesh in context, or for a batch
-  the devices do not divide (one sample of the sampler's vmap), x is returned unchanged.
+  re-laying the activations out to suit the (FSDP-sharded) weights. Without a mesh in context, on one device, or
+  for a batch the devices do not divide (one sample of the sampler's vmap), x is returned unchanged.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or x.shape[0] % batch_devices(mesh):
+  if (mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or batch_devices(mesh) == 1
+      or x.shape[0] % batch_devices(mesh)):
     return x
   return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
 

@@ -6,8 +6,8 @@ projector on the hidden states after block `repa_depth`. Inputs are NHWC latents
 `[texture | semantic]`. The model is deterministic: label dropout belongs to the loss, which replaces labels.
 
 The transformer blocks are one `LightningDiTBlock` applied with `jax.lax.scan` over parameters stacked on a
-leading depth axis (`params['blocks']`), so XLA compiles one block instead of `depth` of them; the scan is split
-at `repa_depth` (two scans over slices of the same stack) for the REPA projector. `convert.dit` maps the stack
+leading depth axis (`params['blocks']`), so XLA compiles one block instead of `depth` of them; the scan carries
+the hidden state after block `repa_depth` out for the REPA projector. `convert.dit` maps the stack
 to the official per-block names (`blocks.{i}.*`) both ways.
 """
 from __future__ import annotations
@@ -193,16 +193,21 @@ class LightningDiT(nn.Module):
     rope = rope_2d(self.head_dim, self.grid_size)
     return jax.vmap(lambda k: self.block().init(k, x, c, *rope)["params"])(jax.random.split(key, self.depth))
 
-  def _apply_blocks(self, tokens, c, start: int, stop: int):
-    """Layers [start, stop) in a `lax.scan`, each rematerialised by `remat_policy`."""
+  def _apply_blocks(self, tokens, c):
+    """Every layer in one `lax.scan`, each rematerialised by `remat_policy`; returns the output and the hidden
+    state after layer `repa_depth` (which the scan carries: slicing the stack into two scans would copy it)."""
     block, rope = self.block(), rope_2d(self.head_dim, self.grid_size)
 
-    def layer(x, params):
-      return block.apply({"params": params}, constrain_batch(x), c, *rope), None
+    def layer(carry, params_and_index):
+      x, after_repa = carry
+      params, i = params_and_index
+      x = block.apply({"params": params}, constrain_batch(x), c, *rope)
+      return (x, jnp.where(i + 1 == self.repa_depth, x, after_repa)), None
 
     if self.remat_policy != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
-    return jax.lax.scan(layer, tokens, jax.tree.map(lambda p: p[start:stop], self.blocks))[0]
+    (tokens, after_repa), _ = jax.lax.scan(layer, (tokens, tokens), (self.blocks, jnp.arange(self.depth)))
+    return tokens, after_repa
 
   def condition(self, t_tex, t_sem, y):
     """The adaLN condition c = [emb_sem | emb_tex] + label embedding, (B, D)."""
@@ -223,14 +228,8 @@ class LightningDiT(nn.Module):
     tokens = self.x_embedder(x.astype(self.dtype)).reshape(b, g * g, self.hidden_size)
     tokens = tokens + jnp.asarray(sincos_2d(self.hidden_size, g), self.dtype)[None]
     c = self.condition(t_tex, t_sem, y)
-    z = None
-    if self.use_repa:  # the projector reads the hidden state after block repa_depth: two scans
-      tokens = self._apply_blocks(tokens, c, 0, self.repa_depth)
-      z = self.repa_projector(tokens).astype(jnp.float32)
-      if self.repa_depth < self.depth:
-        tokens = self._apply_blocks(tokens, c, self.repa_depth, self.depth)
-    else:
-      tokens = self._apply_blocks(tokens, c, 0, self.depth)
+    tokens, after_repa = self._apply_blocks(tokens, c)
+    z = self.repa_projector(after_repa).astype(jnp.float32) if self.use_repa else None
     out = self.final_layer(tokens, c).astype(jnp.float32)
     # Per-token outputs are laid out (i, j, c) with c fastest: the official unpatchify.
     v = out.reshape(b, g, g, p, p, self.in_channels).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, self.in_channels)

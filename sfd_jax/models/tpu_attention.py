@@ -176,7 +176,8 @@ def _on_shards(fn, batch: int, n_rows: int, n_args: int, outputs: int):
   """fn on each device's rows of the batch (every device computes all of a batch the devices do not divide): the
   first `n_rows` arguments (qkv, the cotangent) are split by rows, the rest (weights, tables) replicated."""
   mesh = jax.sharding.get_abstract_mesh()
-  rows = P(shd.BATCH_AXES) if batch % shd.batch_devices(mesh) == 0 else P()
+  devices = shd.batch_devices(mesh)
+  rows = P(shd.BATCH_AXES) if devices > 1 and batch % devices == 0 else P()
   in_specs = (*([rows] * n_rows), *([P()] * (n_args - n_rows)))
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(rows,) * outputs, check_vma=False)
 

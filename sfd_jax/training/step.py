@@ -60,6 +60,11 @@ def train_step(state: TrainState, batch, *, loss_fn: Callable, tx, cfg):
   """One optimiser update; returns (new state, metrics)."""
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   metrics, grads = loss_and_grads(loss_fn, state.params, batch, rng, cfg.optim.grad_accum_steps)
+  return apply_gradients(state, grads, metrics, tx=tx, cfg=cfg)
+
+
+def apply_gradients(state: TrainState, grads, metrics, *, tx, cfg):
+  """The optimiser and EMA update from the gradients, skipped where the loss or gradients are not finite."""
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
