@@ -83,6 +83,7 @@ def _run(*args):
   return result
 
 
+@pytest.mark.slow  # five trainings, samplings and evaluations in subprocesses (about 3 minutes on 2 cores)
 def test_an_evaluation_killed_midway_is_redone_once_and_matches_cli_evaluate(files, tmp_path):
   workdir = tmp_path / "run"
   overrides = _overrides(files)
