@@ -211,7 +211,8 @@ class SemVAETraining:
 
   def task(self) -> loop.Task:
     return loop.Task(model=self.model, loss_fn=semvae_loss_fn(self.model, self.cfg.loss), make_data=self.make_data,
-                     periodic=self.periodic if len(self.heldout_images) else None, preprocess=self.preprocess)
+                     periodic=self.periodic if len(self.heldout_images) else None, preprocess=self.preprocess,
+                     dataset_size=len(self.train_images))
 
   def export(self, workdir, out, step: int | None = None):
     """Writes the params of checkpoint `step` (default: the newest) of `workdir` as an exported SemVAE, with
