@@ -6,12 +6,11 @@ so a typo in an override is an error that names the field.
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
 import ml_collections
 
 from sfd_jax import sharding as shd
 from sfd_jax.errors import UserError
-from sfd_jax.models.dit import LightningDiT, preset_fields
+from sfd_jax.models.dit import LightningDiT, lightningdit, preset_fields
 
 
 def model_config(preset: str = "XL", **overrides) -> ml_collections.ConfigDict:
@@ -119,10 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def build_model(model_cfg) -> LightningDiT:
-  """The LightningDiT a `model` config describes."""
-  fields = dict(model_cfg)
-  fields["dtype"] = jnp.dtype(fields["dtype"])
-  return LightningDiT(**fields)
+  """The LightningDiT a `model` config describes: `models.dit.lightningdit` (the one builder) of its fields."""
+  return lightningdit(**model_cfg)
 
 
 # (field, lowest, highest) allowed: None is no bound. A field a config does not have is skipped, so the SFD and
