@@ -30,7 +30,7 @@ def test_official_recipes(name, preset, depth, width):
   assert (c.sample.method, c.sample.rtol, c.sample.atol, c.sample.cfg_scale) == ("dopri5", 1e-3, 1e-6, 1.0)
   model = config_lib.build_model(c.model)
   shapes = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())
-  assert shapes["params"]["blocks_0"]["attn"]["qkv"]["kernel"].shape == (width, 3 * width)
+  assert shapes["params"]["blocks"]["attn"]["qkv"]["kernel"].shape == (depth, width, 3 * width)  # layers stacked
 
 
 def _groups(c, name="config"):
