@@ -90,7 +90,7 @@ def staged_file(target):
   written next to their final name and renamed; bucket targets are written to a temporary directory and copied."""
   target = path(target)
   if not is_remote(target):
-    tmp = pathlib.Path(target.with_name(f".{target.name}.tmp"))
+    tmp = pathlib.Path(target.with_name(f".{target.stem}.tmp{target.suffix}"))  # numpy keeps a .npz suffix only
     try:
       yield tmp
       os.replace(tmp, target)

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -197,7 +198,7 @@ def test_sample_cli_end_to_end(tmp_path):
                           model_kwargs=dit_config["model_kwargs"], vae=str(tmp_path / "vae"),
                           stats=str(tmp_path / "stats.json"), out=str(tmp_path / "out"), num_images=5,
                           batch_size=4, method="euler", num_steps=4, labels="balanced")
-  out = cli.run(settings)
+  out = Path(cli.run(settings))
   first = {p.name: p.read_bytes() for p in (out / "images").glob("*.png")}
   assert sorted(first) == [f"{i:06d}.png" for i in range(5)]
   with np.load(out / "samples.npz") as npz:

@@ -16,8 +16,8 @@ from torch import nn
 from sfd_jax.convert.inception import (FID_WEIGHTS_NAME, inception_from_state_dict, inception_to_torch,
                                        load_inception)
 from sfd_jax.convert.io import ConversionError
-from sfd_jax.eval.features import FeatureExtractor
 from sfd_jax.data.images import ArrayImages
+from sfd_jax.eval.features import FeatureExtractor
 from sfd_jax.models.inception import resize_tf1_bilinear
 
 TOL = 1e-4
@@ -278,7 +278,7 @@ def test_round_trip_and_torch_fidelity_layout(torch_reference, weight_file):
 
 def test_bad_weight_files(torch_reference, tmp_path):
   state_dict = dict(torch_reference[0])
-  with pytest.raises(FileNotFoundError, match=f"{FID_WEIGHTS_NAME}.*--inception"):
+  with pytest.raises(ConversionError, match=f"{FID_WEIGHTS_NAME}.*--inception"):
     load_inception(tmp_path / "nowhere.pth")
   missing = {k: v for k, v in state_dict.items() if k != "Mixed_6d.branch1x1.bn.running_var"}
   with pytest.raises(ConversionError, match="Mixed_6d.branch1x1.bn.running_var"):
