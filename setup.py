@@ -39,7 +39,7 @@ RUNTIME = [
     "matplotlib>=3.9",  # run plots (sfd_jax.plots, Agg canvas); 3.9: the first built for numpy 2
 ]
 
-X
+GCS = ["gcsfs>=2026.10.1", "google-cloud-storage>=3.17.1"]  # gs:// paths: etils.epath's client, tensorboardX's
 
 EXTRAS = {
     # gs://bucket/... workdirs and outputs (orbax and tensorstore reach buckets without them).
