@@ -52,13 +52,24 @@ def rotation(head_dim: int) -> np.ndarray:
   return r
 
 
+def _dot(a, b, dims):
+  """a·b with float32 accumulation. bfloat16 operands take the MXU's native precision, which is exact for them
+  (Mosaic refuses a float32 contract precision on bfloat16, as a global `jax_default_matmul_precision` asks)."""
+  precision = jax.lax.Precision.DEFAULT if a.dtype == jnp.bfloat16 else None
+  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)
+
+
+_NN = (((1,), (0,)), ((), ()))  # a·b
+_NT = (((1,), (1,)), ((), ()))  # a·bᵀ
+_TN = (((0,), (0,)), ((), ()))  # aᵀ·b
+
+
 def _exact_dot(x, r, transpose: bool = False):
   """x·R (or x·Rᵀ) for a ±1 permutation R, exact to float32 rounding: x = hi + lo in bfloat16, two matmuls."""
   hi = x.astype(jnp.bfloat16)
   lo = (x - hi.astype(_F32)).astype(jnp.bfloat16)
-  dims = (((1,), (1 if transpose else 0,)), ((), ()))
-  dot = lambda a: jax.lax.dot_general(a, r, dims, preferred_element_type=_F32)
-  return dot(hi) + dot(lo)
+  dims = _NT if transpose else _NN
+  return _dot(hi, r, dims) + _dot(lo, r, dims)
 
 
 def _norm_rope(x, w, cos, sin, r, eps):
@@ -83,10 +94,6 @@ def _softmax(s):
   return p / jnp.sum(p, axis=-1, keepdims=True)
 
 
-_NT = (((1,), (1,)), ((), ()))  # a·bᵀ
-_TN = (((0,), (0,)), ((), ()))  # aᵀ·b
-
-
 def _heads(qkv_ref, heads: int):
   """Per head: the column slices of q, k, v in the (N, 3·D) block."""
   d = qkv_ref.shape[-1] // 3
@@ -107,8 +114,8 @@ def _forward_kernel(*refs, heads: int, scale: float, norm: bool, eps: float):
       tables = (cos_ref[...], sin_ref[...], r_ref[...])
       q = _norm_rope(q, wq_ref[...], *tables, eps)[0].astype(dtype)
       k = _norm_rope(k, wk_ref[...], *tables, eps)[0].astype(dtype)
-    p = _softmax(jax.lax.dot_general(q, k, _NT, preferred_element_type=_F32) * scale)
-    o_ref[0, :, os_] = jnp.dot(p.astype(dtype), v, preferred_element_type=_F32).astype(o_ref.dtype)
+    p = _softmax(_dot(q, k, _NT) * scale)
+    o_ref[0, :, os_] = _dot(p.astype(dtype), v, _NN).astype(o_ref.dtype)
 
 
 def _backward_kernel(*refs, heads: int, scale: float, norm: bool, eps: float):
@@ -125,19 +132,18 @@ def _backward_kernel(*refs, heads: int, scale: float, norm: bool, eps: float):
       q, nq, iq = _norm_rope(q, wq_ref[...], *tables, eps)
       k, nk, ik = _norm_rope(k, wk_ref[...], *tables, eps)
       q, k = q.astype(dtype), k.astype(dtype)
-    p = _softmax(jax.lax.dot_general(q, k, _NT, preferred_element_type=_F32) * scale)
-    dp = jax.lax.dot_general(do, v, _NT, preferred_element_type=_F32)
+    p = _softmax(_dot(q, k, _NT) * scale)
+    dp = _dot(do, v, _NT)
     ds = (p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * scale).astype(dtype)
-    dq = jnp.dot(ds, k, preferred_element_type=_F32)
-    dk = jax.lax.dot_general(ds, q, _TN, preferred_element_type=_F32)
+    dq = _dot(ds, k, _NN)
+    dk = _dot(ds, q, _TN)
     if norm:
       dq, dwq_h = _norm_rope_vjp(dq, nq, iq, wq_ref[...], *tables)
       dk, dwk_h = _norm_rope_vjp(dk, nk, ik, wk_ref[...], *tables)
       dwq, dwk = dwq + dwq_h, dwk + dwk_h
     dqkv_ref[0, :, qs] = dq.astype(dqkv_ref.dtype)
     dqkv_ref[0, :, ks] = dk.astype(dqkv_ref.dtype)
-    dqkv_ref[0, :, vs] = jax.lax.dot_general(p.astype(dtype), do, _TN, preferred_element_type=_F32
-                                             ).astype(dqkv_ref.dtype)
+    dqkv_ref[0, :, vs] = _dot(p.astype(dtype), do, _TN).astype(dqkv_ref.dtype)
   if norm:
     dw_ref[0, 0:1, :] = dwq
     dw_ref[0, 1:2, :] = dwk
@@ -151,8 +157,8 @@ def _cost(qkv, heads: int, backward: bool, norm: bool) -> pl.CostEstimate:
   hd = d // heads
   matmuls = 5 if backward else 2
   flops = 2 * matmuls * n * n * d
-  if norm:
-    flops += (3 if backward else 2) * 2 * 2 * 2 * n * hd * d  # q and k, hi and lo parts (and the vjp's)
+  if norm:  # x·R for q and k, hi and lo parts, each 2·n·hd² per head; the backward pass recomputes it and adds the vjp's
+    flops += (2 if backward else 1) * 2 * 2 * 2 * n * hd * d
   arrays = (3 + 1 + 3) if backward else (3 + 1)
   return pl.CostEstimate(flops=b * flops, transcendentals=b * heads * (n * n + (2 * n if norm else 0)),
                          bytes_accessed=arrays * b * n * d * jnp.dtype(qkv.dtype).itemsize)

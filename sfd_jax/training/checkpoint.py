@@ -42,10 +42,11 @@ def is_unreadable(error: BaseException) -> bool:
   return False
 
 
-def quiet_closed_event_loops() -> None:
-  """After a failed restore, tensorstore completes the reads still in flight on orbax's already-closed asyncio
-  loop; each reports `RuntimeError('Event loop is closed')` to `sys.unraisablehook`, hundreds of tracebacks at
-  exit that say nothing. Drop exactly those; everything else reaches the previous hook."""
+def _quiet_closed_event_loops() -> None:
+  """When a restore fails, tensorstore completes the reads still in flight on orbax's already-closed asyncio
+  loop; each reports `RuntimeError('Event loop is closed')` to `sys.unraisablehook`, hundreds of tracebacks that
+  say nothing, some before the failure reaches us. Drop exactly those (installed before any restore); everything
+  else reaches the previous hook."""
   previous = sys.unraisablehook
   if getattr(previous, "sfd_jax_quiet", False):
     return
@@ -73,6 +74,7 @@ class Checkpointer:
   """Saves every call to `save` (async), keeps the newest `keep` plus every multiple of `keep_period`."""
 
   def __init__(self, directory, keep: int = 3, keep_period: int | None = None, use_async: bool = True):
+    _quiet_closed_event_loops()
     self.directory = storage.path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_period or None, create=True,
                                            enable_async_checkpointing=use_async)
@@ -108,7 +110,6 @@ class Checkpointer:
       except Exception as e:  # orbax and tensorstore raise many types; only damage is handled here
         if not is_unreadable(e):
           raise
-        quiet_closed_event_loops()
         self._move_aside(step, e)
         continue
       raise UserError(
@@ -175,7 +176,6 @@ class Checkpointer:
       except Exception as e:
         if not is_unreadable(e):
           raise
-        quiet_closed_event_loops()
         if step is not None:
           raise UserError(f"checkpoint {step} in {self.directory} cannot be read ({_summary(e)}); choose another "
                           f"step of {steps}, or leave the step out for the newest readable one") from None
