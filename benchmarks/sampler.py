@@ -5,7 +5,7 @@
   python benchmarks/sampler.py --field=gmm                       # an analytic Gaussian-mixture velocity
 
 Rows: our diffrax Dopri5 (one solve per phase) at several tolerances and both error norms, the official
-torchdiffeq dopri5 (the fixture's golden run, and `official_dopri5`, that algorithm (spec §3.3) re-run here on any
+torchdiffeq dopri5 (the fixture's golden run, and `official_dopri5`, that algorithm re-run here on any
 field: no phase split, Hairer's first step, no end clamping, dense output at 1+Δ), and the official Euler grid at
 several step counts. The converged solution is the fixture's `exact/final` (float64 state, rtol 1e-9), or else our
 Dopri5 at rtol 1e-8 / atol 1e-10 (float32 state: good to ~1e-6). Prints a Markdown table and writes it, with the raw
@@ -52,7 +52,7 @@ _C_MID = (6025192743 / 30085553152 / 2, 0, 51252292925 / 65400821598 / 2, -26918
 
 
 def official_dopri5(drift, z, t_end: float, rtol: float, atol: float):
-  """torchdiffeq 0.2.5 dopri5 as the official sampler calls it (spec §3.3); returns (x(t_end), model calls).
+  """torchdiffeq 0.2.5 dopri5 as the official sampler calls it; returns (x(t_end), model calls).
 
   `drift(tau_f32, x)` is the masked field. Times are float64, the state and stage arithmetic float32, the α = 1
   stages are evaluated one float32 ulp before the step end, the error is an RMS over the whole batch, and the
@@ -106,7 +106,7 @@ def official_dopri5(drift, z, t_end: float, rtol: float, atol: float):
 
 
 def masked_drift(velocity_fn, y, delta_t: float, semantic_channels: int = 16):
-  """The official drift: velocity at (t_tex, t_sem) of τ, masked by the inclusive phase rule (spec §3.1)."""
+  """The official drift: velocity at (t_tex, t_sem) of τ, masked by the inclusive phase rule."""
   @jax.jit
   def drift(tau, x):
     t_tex, t_sem = sampler.model_times(jnp.full((x.shape[0],), tau), delta_t)

@@ -10,7 +10,7 @@ fresh model outputs; the step counts of such a field are not those of trained we
 batch at equal tolerance: images/s (median and fastest of `--repeats` batches after one warm-up) and model calls.
 sfd_jax: `sampler.sample` (one solve per phase, per-sample error norm) with `autoguidance_velocity`, jitted once.
 Official: `torchdiffeq.odeint(drift, z, [0, 1+Δ], method='dopri5')` on the masked field of
-`forward_with_autoguidance` (spec §3.1, §1.7), the torch model from benchmarks/torch_reference.py, bf16 autocast
+`forward_with_autoguidance`, the torch model from benchmarks/torch_reference.py, bf16 autocast
 when --dtype=bfloat16, eager and with --torch_compile also torch.compile'd.
 """
 from __future__ import annotations

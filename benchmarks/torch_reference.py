@@ -1,5 +1,5 @@
-"""LightningDiT-SFD and its training loss in PyTorch, written from the spec (shared/spec/sfd_reference.md §1, §2)
-with the official state-dict names, as the speed reference for the benchmarks.
+"""LightningDiT-SFD and its training loss in PyTorch, written after the official code with its state-dict names, as
+the speed reference for the benchmarks.
 
 Nothing of the official code is vendored; `check_against_golden` verifies this module against the golden
 fixtures (computed with the official code) before any timing, so the comparison is with the same network.
@@ -157,7 +157,7 @@ class LightningDiTSFD(nn.Module):
 
 
 def sfd_loss(model, x1, x0, t, y, dino, delta_t=0.3, semantic_weight=2.0, semantic_channels=16):
-  """The official objective (spec §2.2) for fixed draws; x NCHW, dino (B, N, D)."""
+  """The official objective for fixed draws; x NCHW, dino (B, N, D)."""
   a = (1 + delta_t) * t
   t_sem, t_tex = a.clamp(max=1), (a - delta_t).clamp(min=0)
   c = x1.shape[1] - semantic_channels

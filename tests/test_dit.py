@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")  # the torch extra; only the Python 3.13 ti
 from sfd_jax.convert import ConversionError, dit_to_torch, load_dit, load_state_dict, select_state_dict
 from sfd_jax.models.dit import LightningDiT, lightningdit
 
-# Official counts (spec §1.2), with pos_embed, which is an nn.Parameter in the official model.
+# Official counts, with pos_embed, which is an nn.Parameter in the official model.
 OFFICIAL_MILLIONS = {"B": (130.3, 137.6), "L": (457.7, 465.5), "XL": (674.6, 682.8), "XXL": (1028.3, 1037.2)}
 
 TINY = dict(input_size=4, patch_size=2, in_channels=48, hidden_size=32, depth=2, num_heads=2, mlp_ratio=4.0,

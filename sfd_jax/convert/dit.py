@@ -1,4 +1,4 @@
-"""Official LightningDiT-SFD state dicts (spec §1.6) <-> flax params of `sfd_jax.models.dit.LightningDiT`."""
+"""Official LightningDiT-SFD state dicts <-> flax params of `sfd_jax.models.dit.LightningDiT`."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -30,7 +30,7 @@ _FIXED = {"learn_sigma": False, "use_qknorm": True, "use_swiglu": True, "use_rop
 
 
 def official_sfd_kwargs(preset: str, **overrides) -> dict:
-  """The official constructor kwargs of a released SFD model (`configs/sfd/*/inference.yaml`, spec §1.1)."""
+  """The official constructor kwargs of a released SFD model (`configs/sfd/*/inference.yaml`)."""
   return {**preset_fields(preset), "input_size": 16, "patch_size": 1, "in_channels": 48, "mlp_ratio": 4.0,
           "num_classes": 1000, "learn_sigma": False, "use_qknorm": True, "use_swiglu": True, "use_rope": True,
           "use_rmsnorm": True, "wo_shift": False, "use_repa": True, "repa_dino_version": "dinov2_vitb14_reg",

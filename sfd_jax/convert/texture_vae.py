@@ -1,4 +1,4 @@
-"""Official LDM KL autoencoder state dicts (spec §4) <-> flax params of `sfd_jax.models.texture_vae.AutoencoderKL`.
+"""Official LDM KL autoencoder state dicts <-> flax params of `sfd_jax.models.texture_vae.AutoencoderKL`.
 
 The flax module names mirror the official ones (`down_2_block_0` is `down.2.block.0`, `mid_attn_1` is
 `mid.attn_1`), so the rules are derived from the parameter tree: every module with a kernel is a conv, every other

@@ -1,4 +1,4 @@
-"""The three-phase SFD sampler (spec §3): one ODE over global time τ ∈ [0, 1+Δ] from noise (τ=0) to data.
+"""The three-phase SFD sampler: one ODE over global time τ ∈ [0, 1+Δ] from noise (τ=0) to data.
 
 At τ the model sees `t_sem = min(τ, 1)` and `t_tex = max(τ−Δ, 0)`, and its velocity is masked: texture channels
 move only where τ ≥ Δ, semantic channels only where τ ≤ 1 (both inclusive, as the official code). The field is
@@ -92,7 +92,7 @@ def _phases(delta_t: float) -> list[tuple[float, float, bool, bool]]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Velocity functions: the plain model and the two guidance rules (spec §1.7), all 48 channels.
+# Velocity functions: the plain model and the two guidance rules, all 48 channels.
 
 
 def _compute_weights(model, variables):

@@ -1,4 +1,4 @@
-"""DINOv2 ViT/14 with register tokens: the frozen feature extractor of SFD (spec §5).
+"""DINOv2 ViT/14 with register tokens: the frozen feature extractor of SFD.
 
 The network of `facebookresearch/dinov2` (`dinov2_vit{s,b,l,g}14_reg`) and of transformers'
 `Dinov2WithRegistersModel`: patch embedding, [cls | registers | patches] tokens, pre-norm blocks with layer scale

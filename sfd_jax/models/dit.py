@@ -1,4 +1,4 @@
-"""LightningDiT-SFD: the velocity network of Semantic-First Diffusion (spec §1).
+"""LightningDiT-SFD: the velocity network of Semantic-First Diffusion.
 
 A LightningDiT (adaLN blocks with RMSNorm, QK-norm, SwiGLU, 2-D RoPE on top of a fixed 2-D sin-cos table) with two
 timestep embedders of width D/2, one per stream, whose outputs are concatenated `[sem | tex]`, and a REPA
@@ -25,7 +25,7 @@ from sfd_jax.models.layers import (NormWeight, RMSNorm, SwiGLU, attention, dense
 
 Dtype = Any
 
-# depth, hidden width, heads of the official factories (spec §1.2); patch size is a separate field.
+# depth, hidden width, heads of the official factories; patch size is a separate field.
 PRESETS = {
     "S": dict(depth=12, hidden_size=384, num_heads=6),
     "B": dict(depth=12, hidden_size=768, num_heads=12),
@@ -43,7 +43,7 @@ REMAT_POLICIES = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-# The official init (spec §1.5): xavier-uniform Linear weights, zero biases.
+# The official init: xavier-uniform Linear weights, zero biases.
 _XAVIER = nn.initializers.xavier_uniform()
 
 

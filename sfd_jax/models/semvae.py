@@ -4,7 +4,7 @@ Paper §3.2.1, A.1 and Table 7: encoder = input Linear → 4 Transformer blocks 
 (mean, log-variance) per token; the decoder mirrors it back to the VFM width; hidden 768, 6 heads, C_s = 16;
 about 29M parameters per side on DINOv2-B features (768-d).
 
-No official code exists (spec §6). These choices are ours, each the plain ViT default:
+The official code does not release the Semantic VAE. These choices are ours, each the plain ViT default:
 - pre-norm ViT blocks (LayerNorm eps 1e-6, qkv with bias, MLP ratio 4 with exact GELU), no dropout;
 - a fixed 2-D sin-cos position table added after the input projection of both encoder and decoder, so the
   layout of the token grid is known to the network (the paper stresses that SemVAE keeps the spatial layout);

@@ -1,4 +1,4 @@
-"""The LDM KL autoencoder that makes SFD's texture latents: SD-VAE f16d32 by default (spec §4).
+"""The LDM KL autoencoder that makes SFD's texture latents: SD-VAE f16d32 by default.
 
 Images are NHWC in [-1, 1]; latents are NHWC. The layout follows the official `Encoder` / `Decoder` so the
 converter is a name mapping: levels are numbered as in the state dict (`down_i`, `up_i`, with `up_0` the

@@ -1,4 +1,4 @@
-"""The three-phase sampler against the official runs in golden/sampler (spec §3).
+"""The three-phase sampler against the official runs in golden/sampler.
 
 Every Euler run of the fixture (plain, exact boundary, shift, CFG with interval, AutoGuidance with separate scales)
 must reproduce `R/final` within 1e-4, with the golden number of model calls and the same (t_tex, t_sem) of

@@ -1,4 +1,4 @@
-"""Texture VAE parity with the official LDM KL autoencoder: golden `vae_tiny` (spec §4), sizes from its config.json.
+"""Texture VAE parity with the official LDM KL autoencoder: golden `vae_tiny`, sizes from its config.json.
 
 The fixtures are NCHW; everything is moved to NHWC at the boundary. One jitted encoder and one jitted decoder
 (the posterior mean and the inference latent share a shape) serve every test.
