@@ -143,6 +143,12 @@ def _log_to_file(directory) -> None:
 
 def _enable_compilation_cache() -> None:
   """XLA's persistent compilation cache (`$JAX_COMPILATION_CACHE_DIR`, default ~/.cache/sfd_jax/xla): the second
-  run of a command does not compile again."""
+  run of a command does not compile again. Not on a CPU host with several devices: there an XLA:CPU executable read
+  back from the cache can reach its collectives in a different order on each device and deadlock (JAX 0.10, a data
+  × fsdp mesh of fake devices), while compiling afresh runs."""
+  if jax.default_backend() == "cpu" and jax.local_device_count() > 1:
+    jax.config.update("jax_enable_compilation_cache", False)
+    logging.info("persistent compilation cache off: %d CPU devices", jax.local_device_count())
+    return
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", str(DEFAULT_CACHE))

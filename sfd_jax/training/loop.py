@@ -112,7 +112,7 @@ def run(cfg, workdir, task: Task) -> dict:
   if jax.process_index() == 0:
     from clu import parameter_overview
     say(f"model: {parameter_overview.count_parameters(state.params):,} parameters; training to step {cfg.total_steps}")
-    logging.info("model parameters:\n%s", parameter_overview.get_parameter_overview(state.params))
+    logging.info("model parameters:\n%s", parameter_overview.get_parameter_overview(state.params, include_stats=False))
   writer.write_hparams(cfg.to_dict(), ("loss", *(task.evaluate.tags if task.evaluate is not None else ())))
   if missed:
     say(f"the evaluation of step {step} was interrupted before it was logged: evaluating again")
