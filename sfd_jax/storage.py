@@ -52,19 +52,13 @@ def filesystem_path(value, what: str) -> pathlib.Path:
 
 
 def write_text(target, text: str) -> None:
-  """Writes a whole text file so that a reader sees the old content or the new, never a part: a renamed
-  temporary file locally; in a bucket an object appears whole anyway."""
-  target = path(target)
-  if is_remote(target):
-    target.write_text(text)
-    return
-  tmp = target.with_name(f".{target.name}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, target)
+  """Writes a whole text file so that a reader sees the old content or the new, never a part (see `write_bytes`)."""
+  write_bytes(target, text.encode())
 
 
 def write_bytes(target, data: bytes) -> None:
-  """`write_text` for bytes (PNGs, small binary files)."""
+  """Writes a whole file (text, PNGs, small binary files) so that a reader sees the old content or the new, never a
+  part: a renamed temporary file locally; in a bucket an object appears whole anyway."""
   target = path(target)
   if is_remote(target):
     target.write_bytes(data)

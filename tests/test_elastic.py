@@ -14,10 +14,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
-from sfd_jax.training import checkpoint as ckpt_lib, config as config_lib, state as state_lib
 from tests.golden import REPO, free_port, subprocess_env
+from tests.test_training_app import final_state
 
 pytestmark = pytest.mark.slow  # several multi-process trainings (minutes): the full suite's tier only
 
@@ -52,18 +51,6 @@ def losses(workdir):
 def digest(path: Path) -> dict:
   return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*"))
           if p.is_file()}
-
-
-def newest_state(workdir):
-  cfg = ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
-  model, tx = config_lib.build_model(cfg.model), state_lib.make_optimizer(cfg.optim)
-  from sfd_jax import sharding as shd
-  abstract, _ = state_lib.abstract_train_state(model, tx, shd.make_mesh(devices=jax.devices()[:1]), cfg.sharding)
-  checkpointer = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints")
-  step = checkpointer.steps()[-1]
-  state = jax.device_get(checkpointer.restore(step, abstract))
-  checkpointer.close()
-  return step, state
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +89,7 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):
     assert worker.returncode == 75, err[-3000:]
   steps = {int(err.split("preempted: stopped at step ")[1].split()[0]) for _, err in outputs}
   assert len(steps) == 1, steps  # the same step on both hosts
-  assert newest_state(tmp_path)[0] == steps.pop()  # and its checkpoint is complete
+  assert final_state(tmp_path)[0] == steps.pop()  # and its checkpoint is complete
 
 
 def test_sigterm_during_the_last_save_leaves_it_complete(tmp_path):
@@ -116,7 +103,7 @@ def test_sigterm_during_the_last_save_leaves_it_complete(tmp_path):
     time.sleep(0.02)
   _, err = worker.communicate(timeout=300)
   assert worker.returncode == 75 and "preempted" in err, err[-3000:]
-  assert newest_state(tmp_path)[0] == 30
+  assert final_state(tmp_path)[0] == 30
   again = subprocess.run(command(tmp_path, "total_steps=30", *STEPS), env=subprocess_env(1), capture_output=True,
                          text=True, timeout=300)
   assert again.returncode == 0 and "already at total_steps=30" in again.stdout, again.stderr[-2000:]
@@ -142,6 +129,6 @@ def test_init_from_takes_the_weights_and_starts_afresh(straight, tmp_path):
                                   "optim.max_grad_norm=1.0", "optim.lr=0.0"), env=subprocess_env(1),
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0 and f"params and EMA from {straight}" in result.stdout, result.stderr[-2000:]
-  (_, old), (step, new) = newest_state(straight), newest_state(tmp_path)
+  (_, old), (step, new) = final_state(straight), final_state(tmp_path)
   assert step == 1 and int(new.step) == 1  # a new run: step 0 + one step
   jax.tree.map(np.testing.assert_array_equal, new.params, old.params)  # lr 0: the old weights, unchanged
