@@ -11,7 +11,7 @@ kernel recomputes the softmax and uses rowsum(p·dp) for rowsum(o·do) (they are
 nothing but its input.
 
 RoPE's pair rotation (x[2i], x[2i+1]) → (−x[2i+1], x[2i]) is a signed permutation, applied as a matmul with a
-(head_dim × head_dim) ±1 matrix on the MXU, exactly: the float32 operand is split into two bfloat16 parts.
+(head_dim × head_dim) ±1 matrix on the MXU, the float32 operand split into two bfloat16 parts (to 2⁻¹⁷ of it).
 
 One grid step handles one sample. Each `pallas_call` carries a `pl.CostEstimate` (matmul FLOPs, exponentials, HBM
 bytes) so that XLA's cost model, and the plan tool with it, sees the attention. The kernels see one device's
@@ -65,9 +65,12 @@ _TN = (((0,), (0,)), ((), ()))  # aᵀ·b
 
 
 def _exact_dot(x, r, transpose: bool = False):
-  """x·R (or x·Rᵀ) for a ±1 permutation R, exact to float32 rounding: x = hi + lo in bfloat16, two matmuls."""
-  hi = x.astype(jnp.bfloat16)
-  lo = (x - hi.astype(_F32)).astype(jnp.bfloat16)
+  """x·R (or x·Rᵀ) for a ±1 permutation R to 2⁻¹⁷ of |x| in two bfloat16 matmuls: hi is x with its mantissa cut to
+  bfloat16's 8 bits (masked, so that no compiler may fold the split away as it may a float32 → bfloat16 → float32
+  round trip), lo the rest rounded to bfloat16; R only moves and negates them."""
+  hi = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(-65536), _F32)
+  lo = (x - hi).astype(jnp.bfloat16)
+  hi = hi.astype(jnp.bfloat16)
   dims = _NT if transpose else _NN
   return _dot(hi, r, dims) + _dot(lo, r, dims)
 
