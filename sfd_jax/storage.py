@@ -5,7 +5,7 @@ orbax and tensorstore write checkpoints to a bucket natively (with commit files 
 writes its events there, and the few operations whose semantics differ get one function here each. Two readers
 need a filesystem path, because their C++ readers open files themselves: ArrayRecord latent datasets and image
 folders. Read those from a (read-only) gcsfuse mount of the bucket; `filesystem_path` says so to a user who passes
-a `gs://` path.
+a `gs://` path. Writers of that kind (ArrayRecord shards, zip files) write a local file that `staged_file` copies.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 the encoders applied to the cropped images, unreadable images skipped and listed, resume after a kill, and the
 command line feeding the training pipeline."""
 import json
+import os
 import subprocess
 import sys
 
@@ -154,12 +155,13 @@ def test_resume_after_a_kill_gives_the_same_dataset(folder, encoders, dataset, t
   writer = latents.LatentWriter(tmp_path, 3, latents.LatentSource(clean).spec)
   assert writer.is_done(0) and not writer.is_done(1) and not writer.is_done(2)
   shard0 = next(writer.directory.glob("*-00000-of-00003"))
-  before = shard0.stat().st_mtime_ns
+  before = os.stat(shard0).st_mtime_ns
   # What a SIGKILL can leave: a half-written temporary file, a shard file whose sidecar was never written.
-  (writer.directory / f".{shard0.name.replace('00000-of', '00001-of')}.tmp").write_bytes(b"half a shard")
+  shard1 = writer.directory / shard0.name.replace("00000-of", "00001-of")
+  (writer.directory / f".{shard1.stem}.tmp{shard1.suffix}").write_bytes(b"half a shard")
   (writer.directory / shard0.name.replace("00000-of", "00002-of")).write_bytes(b"no sidecar")
   extract.extract(source, encoders, tmp_path, SETTINGS, progress=False)
-  assert shard0.stat().st_mtime_ns == before  # kept, not redone
+  assert os.stat(shard0).st_mtime_ns == before  # kept, not redone
   resumed, expected = _records(tmp_path), _records(clean)
   assert len(resumed) == len(expected)
   for got, want in zip(resumed, expected):

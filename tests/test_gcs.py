@@ -1,7 +1,8 @@
 """Runs whose workdir is a gs:// bucket, against a local GCS emulator this module starts (gcp-storage-emulator,
 with the object preconditions the real service has: tests/gcs_emulator.py):
 a smoke training is stopped by SIGTERM, resumed and finished in the bucket and matches a local run; sampling
-writes its images and .npz there; the objects are listed and read back. Each client finds the emulator through
+writes its images and .npz there; an extraction writes its latent dataset there; the objects are listed and read
+back. Each client finds the emulator through
 its own standard variables: STORAGE_EMULATOR_HOST (gcsfs under etils.epath, google-cloud-storage under
 tensorboardX), TENSORSTORE_GCS_HTTP_URL and GOOGLE_AUTH_TOKEN_FOR_TESTING (tensorstore under orbax)."""
 import json
@@ -128,3 +129,31 @@ def test_other_urls_and_datasets_in_a_bucket_are_one_sentence(emulator, tmp_path
                             capture_output=True, text=True, timeout=300)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+
+
+def test_extraction_into_a_bucket_is_the_local_extraction(emulator, tmp_path):
+  """extract --out=gs://...: shards written locally and copied whole with their sidecars, metadata and stats in the
+  bucket; run again it redoes nothing; downloaded, it holds the records and stats of the same extraction written
+  to a local directory."""
+  result = bucket_call(emulator, f"""
+import gcsfs, numpy as np
+from sfd_jax.data import extract, images, latents
+from tests.test_extract import _tiny_encoders
+settings, encoders = extract.Settings(shard_size=4, batch_size=2, seed=3, max_images=6), _tiny_encoders()
+remote = extract.extract(images.DigitsImages(), encoders, "gs://{BUCKET}/data", settings, progress=False)
+shards = sorted(p for p in epath.Path(remote["directory"]).iterdir() if "array_record" in p.name)
+times = [p.stat().mtime for p in shards]
+extract.extract(images.DigitsImages(), encoders, "gs://{BUCKET}/data", settings, progress=False)
+local = extract.extract(images.DigitsImages(), encoders, "{tmp_path}/local", settings, progress=False)
+gcsfs.GCSFileSystem().get("{BUCKET}/data", "{tmp_path}/downloaded", recursive=True)
+got, want = latents.LatentSource("{tmp_path}/downloaded"), latents.LatentSource("{tmp_path}/local")
+same = len(got) == len(want) and all(
+    set(got[i]) == set(want[i]) and all(np.array_equal(got[i][k], want[i][k]) for k in want[i]) for i in range(len(want)))
+print(json.dumps({{"records": remote["records"], "local": local["records"], "same": same,
+                  "stats": got.stats == want.stats, "names": sorted(p.name for p in shards),
+                  "redone": [p.stat().mtime for p in shards] != times}}))
+""")
+  assert result["records"] == result["local"] == 6 and result["same"] and result["stats"]
+  assert result["names"] == [f"sfd_latents-train.array_record-0000{i}-of-00002{s}" for i in range(2)
+                             for s in ("", ".stats.json")]
+  assert not result["redone"]

@@ -22,7 +22,7 @@ flags.DEFINE_string("path", "", "folder: root of the class folders (root/<class>
 flags.DEFINE_string("tfds_name", "imagenet2012", "tfds: the dataset name.")
 flags.DEFINE_string("split", "train", "tfds: the split.")
 flags.DEFINE_integer("digits_size", 256, "digits: the side the 8×8 digits are upscaled to.", lower_bound=8)
-flags.DEFINE_string("out", None, "Output directory of the latent dataset.")
+flags.DEFINE_string("out", None, "Output directory of the latent dataset: a local path or gs://bucket/path.")
 flags.DEFINE_string("texture_vae", None, "Texture VAE: exported directory or the official LDM checkpoint.")
 flags.DEFINE_string("dino", None, "DINOv2 with registers: exported directory, Hugging Face directory or .pth.")
 flags.DEFINE_string("semvae", None, "SemVAE: the directory `cli.train_semvae` exported.")

@@ -17,14 +17,13 @@ never looks finished), so an extraction can stop anywhere and resume.
 
 The pipeline (grain) shuffles with a seed (a new order every epoch, no repeats inside one), picks the stored
 flipped copy with probability 1/2 per sample, normalises with the dataset's stats, concatenates
-`[texture | semantic]`, and batches; each host reads only its rows of every global batch. Its iterator state
-goes into every checkpoint.
+`[texture | semantic]`, and batches; each host reads only its rows of every global batch. A resumed run starts it at its step: the order
+of every epoch is a function of the seed, so the step is the whole position.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -121,18 +120,22 @@ class ChannelStats:
     return stats
 
 
-class ShardWriter:
-  """Records of one shard being written (to a hidden temporary file) with their running channel statistics."""
+def _sidecar(shard_path):
+  """The `.stats.json` beside a shard file: its record count, channel statistics and skipped images."""
+  return shard_path.with_name(f"{shard_path.name}.stats.json")
 
-  def __init__(self, writer: "LatentWriter", shard: int):
+
+class ShardWriter:
+  """Records of one shard being written (to a local file that `LatentWriter.shard` publishes) with their running
+  channel statistics."""
+
+  def __init__(self, writer: "LatentWriter", shard: int, local: Path):
     from array_record.python.array_record_module import ArrayRecordWriter
     self.writer, self.shard = writer, shard
-    self.path = _shard_path(writer.directory, shard, writer.num_shards)
-    self.tmp = self.path.with_name(f".{self.path.name}.tmp")
     self.count, self.skipped = 0, []
     self.texture = ChannelStats(writer.spec["texture_channels"])
     self.semantic = ChannelStats(writer.spec["semantic_channels"])
-    self._out = ArrayRecordWriter(str(self.tmp), "group_size:1")
+    self._out = ArrayRecordWriter(str(local), "group_size:1")
 
   def write(self, record: Mapping) -> None:
     w = self.writer
@@ -145,12 +148,12 @@ class ShardWriter:
     """Lists a source image left out of the dataset, naming its file (it goes into meta.json)."""
     self.skipped.append({"index": int(index), "file": str(file), "reason": str(reason)})
 
-  def _commit(self) -> None:
+  def close(self) -> None:
     self._out.close()
-    os.replace(self.tmp, self.path)
-    stats = {"records": self.count, "texture": self.texture.to_dict(), "semantic": self.semantic.to_dict(),
-             "skipped": self.skipped}
-    write_json_atomic(Path(f"{self.path}.stats.json"), stats)
+
+  def stats(self) -> dict:
+    return {"records": self.count, "texture": self.texture.to_dict(), "semantic": self.semantic.to_dict(),
+            "skipped": self.skipped}
 
 
 class LatentWriter:
@@ -159,10 +162,11 @@ class LatentWriter:
   Shards are independent (any host may write any shard) and atomic: a shard file and its `.stats.json`
   sidecar appear only when complete, so `is_done(shard)` tells a resumed extraction what to skip; a shard
   interrupted anywhere (even by SIGKILL) leaves only a hidden temporary file, which the next attempt overwrites.
+  The directory may be a bucket (`gs://...`): each shard is written locally and copied there whole.
   """
 
   def __init__(self, directory, num_shards: int, spec: Mapping, meta: Mapping | None = None):
-    self.directory = storage.filesystem_path(directory, "the latent dataset") / NAME / VERSION
+    self.directory = storage.path(directory) / NAME / VERSION
     self.num_shards, self.spec, self.meta = num_shards, dict(spec), dict(meta or {})
     self.directory.mkdir(parents=True, exist_ok=True)
     self._features = _features(self.spec)
@@ -171,7 +175,7 @@ class LatentWriter:
 
   def is_done(self, shard: int) -> bool:
     path = _shard_path(self.directory, shard, self.num_shards)
-    return path.exists() and Path(f"{path}.stats.json").exists()
+    return path.exists() and _sidecar(path).exists()
 
   def check_plan(self, plan: Mapping, write: bool = True) -> None:
     """A resumed run must make the same dataset: `plan` (what fixes the content: source, encoders, settings) is
@@ -185,20 +189,20 @@ class LatentWriter:
         raise DatasetError(f"{self.directory} holds a dataset started with another {', '.join(differ)}; resume "
                            "it with the same inputs and settings, or write to a new output directory")
     elif write:
-      write_json_atomic(path, plan)
+      storage.write_text(path, json.dumps(plan, indent=1))
 
   @contextlib.contextmanager
   def shard(self, shard: int):
     """`with writer.shard(i) as out: out.write(record) ...`: the shard appears complete when the block ends
     without an exception; on an exception nothing is published and the exception propagates."""
-    out = ShardWriter(self, shard)
-    try:
-      yield out
-    except BaseException:
-      out._out.close()
-      out.tmp.unlink(missing_ok=True)
-      raise
-    out._commit()
+    path = _shard_path(self.directory, shard, self.num_shards)
+    with storage.staged_file(path) as local:
+      out = ShardWriter(self, shard, local)
+      try:
+        yield out
+      finally:
+        out.close()
+    storage.write_text(_sidecar(path), json.dumps(out.stats(), indent=1))
 
   def write_shard(self, shard: int, records: Iterable[Mapping]) -> int:
     """Writes one whole shard (records in order); returns the number of records."""
@@ -221,7 +225,7 @@ class LatentWriter:
     return out
 
   def _sidecars(self) -> list[dict]:
-    return [json.loads(Path(f"{_shard_path(self.directory, i, self.num_shards)}.stats.json").read_text())
+    return [json.loads(_sidecar(_shard_path(self.directory, i, self.num_shards)).read_text())
             for i in range(self.num_shards)]
 
   def finish(self, stats: Mapping | None = None) -> dict:
@@ -237,7 +241,7 @@ class LatentWriter:
       raise DatasetError(f"{self.directory}: shards {missing[:5]} are not written yet; run the extraction again")
     shard_stats = self._sidecars()
     lengths = [s["records"] for s in shard_stats]
-    num_bytes = sum(_shard_path(self.directory, i, self.num_shards).stat().st_size for i in range(self.num_shards))
+    num_bytes = sum(_shard_path(self.directory, i, self.num_shards).stat().length for i in range(self.num_shards))
     tfds.folder_dataset.write_metadata(
         data_dir=self.directory, features=self._features, filename_template=FILE_TEMPLATE, check_data=False,
         split_infos=[tfds.core.SplitInfo(name="train", shard_lengths=lengths, num_bytes=num_bytes)])
@@ -251,15 +255,18 @@ class LatentWriter:
         merged[key] = {"mean": [float(v) for v in stats[key]["mean"]], "std": [float(v) for v in stats[key]["std"]],
                        "source": stats[key].get("source", "given")}
     skipped = sorted((item for s in shard_stats for item in s.get("skipped", ())), key=lambda item: item["index"])
-    write_json_atomic(self.directory / "stats.json", merged)
-    write_json_atomic(self.directory / "meta.json", {**self.meta, "record": self.spec, "num_records": sum(lengths),
-                                                      "skipped": skipped})
+    storage.write_text(self.directory / "stats.json", json.dumps(merged, indent=1))
+    meta = {**self.meta, "record": self.spec, "num_records": sum(lengths), "skipped": skipped}
+    storage.write_text(self.directory / "meta.json", json.dumps(meta, indent=1))
     return merged
 
   def count_records(self) -> int:
     """The records actually in the shard files (read from each file, not from the metadata); raises if a shard
-    holds another number than its sidecar says."""
+    holds another number than its sidecar says. In a bucket the sidecars' counts (reading every shard back
+    would download the dataset; each shard and its sidecar were published from the same local write)."""
     from array_record.python.array_record_module import ArrayRecordReader
+    if storage.is_remote(self.directory):
+      return sum(sidecar["records"] for sidecar in self._sidecars())
     total = 0
     for i, sidecar in enumerate(self._sidecars()):
       reader = ArrayRecordReader(str(_shard_path(self.directory, i, self.num_shards)))
@@ -270,13 +277,6 @@ class LatentWriter:
                            f"{sidecar['records']}; delete it and its .stats.json and run the extraction again")
       total += count
     return total
-
-
-def write_json_atomic(path: Path, obj):
-  """Writes JSON so that a reader sees the old file or the whole new one, never a part."""
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(obj, indent=1))
-  os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------------- reading
