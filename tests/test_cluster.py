@@ -11,7 +11,6 @@ explicit-coordinator and Cloud TPU VM paths also start two real processes.
 """
 import contextlib
 import http.server
-import os
 import subprocess
 import sys
 import threading

@@ -1,7 +1,6 @@
 """launch/setup_venv.sh picks the Python it makes the venv with, offline: PATH holds only the interpreters of each
 case (pyenv's real Python 3.10, or shims that answer as Python 3.x and log what they are asked), a few tools, and
 stand-ins for uv, pip and curl that log their calls instead of downloading."""
-import os
 import shutil
 import subprocess
 from pathlib import Path
