@@ -17,8 +17,8 @@ never looks finished), so an extraction can stop anywhere and resume.
 
 The pipeline (grain) shuffles with a seed (a new order every epoch, no repeats inside one), picks the stored
 flipped copy with probability 1/2 per sample, normalises with the dataset's stats, concatenates
-`[texture | semantic]`, and batches; each host reads only its rows of every global batch. A resumed run starts it at its step: the order
-of every epoch is a function of the seed, so the step is the whole position.
+`[texture | semantic]`, and batches; each host reads only its rows of every global batch. A resumed run starts it
+at its step: the order of every epoch is a function of the seed, so the step is the whole position.
 """
 from __future__ import annotations
 
@@ -264,9 +264,9 @@ class LatentWriter:
     """The records actually in the shard files (read from each file, not from the metadata); raises if a shard
     holds another number than its sidecar says. In a bucket the sidecars' counts (reading every shard back
     would download the dataset; each shard and its sidecar were published from the same local write)."""
-    from array_record.python.array_record_module import ArrayRecordReader
     if storage.is_remote(self.directory):
       return sum(sidecar["records"] for sidecar in self._sidecars())
+    from array_record.python.array_record_module import ArrayRecordReader
     total = 0
     for i, sidecar in enumerate(self._sidecars()):
       reader = ArrayRecordReader(str(_shard_path(self.directory, i, self.num_shards)))

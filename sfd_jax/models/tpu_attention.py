@@ -160,7 +160,7 @@ def _cost(qkv, heads: int, backward: bool, norm: bool) -> pl.CostEstimate:
   hd = d // heads
   matmuls = 5 if backward else 2
   flops = 2 * matmuls * n * n * d
-  if norm:  # x·R for q and k, hi and lo parts, each 2·n·hd² per head; the backward pass recomputes it and adds the vjp's
+  if norm:  # x·R for q and k, hi and lo parts, each 2·n·hd² per head; backward: recomputed, plus the vjp's
     flops += (2 if backward else 1) * 2 * 2 * 2 * n * hd * d
   arrays = (3 + 1 + 3) if backward else (3 + 1)
   return pl.CostEstimate(flops=b * flops, transcendentals=b * heads * (n * n + (2 * n if norm else 0)),
