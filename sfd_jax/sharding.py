@@ -84,6 +84,15 @@ def constrain_batch(x):
   return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
 
 
+def gather(x):
+  """x replicated over every device of the mesh in context (an all-gather of what is sharded), e.g. a layer's
+  FSDP-sharded weights gathered once; unchanged without a mesh in context or on one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, P())
+
+
 def check_batch_size(mesh: Mesh, global_batch: int, what: str = "batch_size") -> int:
   """The per-process batch; a global batch that the mesh cannot split evenly stops with what to change."""
   n = mesh.devices.size

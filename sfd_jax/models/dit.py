@@ -17,9 +17,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from sfd_jax.errors import UserError
-from sfd_jax.sharding import constrain_batch
+from sfd_jax.sharding import constrain_batch, gather
 from sfd_jax.models.layers import (NormWeight, RMSNorm, SwiGLU, attention, dense, modulate, rope_2d, sincos_2d,
                                    swiglu_hidden, timestep_embedding)
 
@@ -35,16 +36,41 @@ PRESETS = {
     "1p6B": dict(depth=28, hidden_size=1792, num_heads=28),
 }
 
-# What each block's rematerialisation saves for the backward pass: names usable in configs.
+# The name of a layer's weights as its matmuls use them (cast, all-gathered: `_gathered_weights`).
+GATHERED_WEIGHTS = "gathered_weights"
+_KEEP_WEIGHTS = jax.checkpoint_policies.save_only_these_names(GATHERED_WEIGHTS)
+
+# What each block's rematerialisation saves for the backward pass: names usable in configs. The dots policies keep
+# the gathered weights too, so that the backward pass does not gather them again; `full` keeps nothing.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_saveable,
+                                                                       _KEEP_WEIGHTS),
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_WEIGHTS),
 }
 
 # The official init: xavier-uniform Linear weights, zero biases.
 _XAVIER = nn.initializers.xavier_uniform()
+
+
+def _gathered_weights(params, dtype):
+  """One layer's parameters as its matmuls use them: the kernels of the token-wise matmuls (attention and MLP) cast
+  to the compute `dtype` and then replicated over the mesh in context (all-gathered over 'fsdp', in `dtype`), named
+  `GATHERED_WEIGHTS`.
+
+  Done explicitly, once per layer, so that the gathered weights are a value of the program the remat policies can
+  keep for the backward pass; left to XLA, the backward pass of a rematerialised layer gathers them again. The adaLN
+  modulation's kernel stays sharded: it multiplies one condition vector per sample, and moving those products is
+  cheaper than moving the kernel.
+  """
+  def gathered(path, x):
+    keys = [getattr(k, "key", None) for k in path]
+    if keys[-1] != "kernel" or keys[0] not in ("attn", "mlp"):
+      return x
+    return checkpoint_name(gather(x.astype(dtype)), GATHERED_WEIGHTS)
+  return jax.tree_util.tree_map_with_path(gathered, params)
 
 
 def _dense(features, dtype, name=None, zero=False):
@@ -146,6 +172,7 @@ class LightningDiT(nn.Module):
   repa_projector_dim: int = 2048
   repa_z_dim: int = 768
   remat_policy: str = "none"
+  scan_unroll: int = 1  # layers per iteration of the block scan; `depth` unrolls it (XLA then costs every layer)
   dtype: Dtype = jnp.float32
 
   @property
@@ -162,6 +189,8 @@ class LightningDiT(nn.Module):
     if self.hidden_size % self.num_heads or self.head_dim % 4:
       raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_heads} heads of a width "
                        "divisible by 4 (2-D RoPE)")
+    if not 1 <= self.scan_unroll <= self.depth:
+      raise ValueError(f"scan_unroll {self.scan_unroll} must lie in [1, depth={self.depth}]")
     if self.use_repa and not 1 <= self.repa_depth <= self.depth:
       raise ValueError(f"repa_depth {self.repa_depth} must lie in [1, depth={self.depth}]")
     p, d = self.patch_size, self.hidden_size
@@ -201,12 +230,13 @@ class LightningDiT(nn.Module):
     def layer(carry, params_and_index):
       x, after_repa = carry
       params, i = params_and_index
-      x = block.apply({"params": params}, constrain_batch(x), c, *rope)
+      x = block.apply({"params": _gathered_weights(params, self.dtype)}, constrain_batch(x), c, *rope)
       return (x, jnp.where(i + 1 == self.repa_depth, x, after_repa)), None
 
     if self.remat_policy != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
-    (tokens, after_repa), _ = jax.lax.scan(layer, (tokens, tokens), (self.blocks, jnp.arange(self.depth)))
+    (tokens, after_repa), _ = jax.lax.scan(layer, (tokens, tokens), (self.blocks, jnp.arange(self.depth)),
+                                           unroll=self.scan_unroll)
     return tokens, after_repa
 
   def condition(self, t_tex, t_sem, y):

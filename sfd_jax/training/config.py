@@ -17,7 +17,7 @@ def model_config(preset: str = "XL", **overrides) -> ml_collections.ConfigDict:
   """The LightningDiT-SFD fields for an official size (the official values for the rest)."""
   fields = dict(input_size=16, patch_size=1, in_channels=48, **preset_fields(preset), mlp_ratio=4.0, num_classes=1000,
                 dual_timestep=True, use_repa=True, repa_depth=2, repa_projector_dim=2048, repa_z_dim=768,
-                remat_policy="none", dtype="float32")
+                remat_policy="none", scan_unroll=1, dtype="float32")
   fields.update(overrides)
   return ml_collections.ConfigDict(fields)
 
@@ -145,6 +145,7 @@ VALUE_RANGES = (
     ("model.input_size", 1, None), ("model.patch_size", 1, None), ("model.in_channels", 1, None),
     ("model.hidden_size", 1, None), ("model.depth", 1, None), ("model.num_heads", 1, None),
     ("model.mlp_ratio", 0.0, None), ("model.num_classes", 1, None), ("model.repa_depth", 1, None),
+    ("model.scan_unroll", 1, None),
     ("model.repa_projector_dim", 1, None), ("model.repa_z_dim", 1, None), ("model.latent_channels", 1, None),
     ("model.encoder_depth", 0, None), ("model.decoder_depth", 0, None),
     ("sharding.min_size", 0, None),
