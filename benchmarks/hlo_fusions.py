@@ -22,13 +22,20 @@ per step, the block scan unrolled so that XLA counts every layer):
 - The Pallas attention kernels (`sfd_jax/models/tpu_attention.py`: scores, QK-norm and RoPE in VMEM, reading the
   qkv projection and writing the output directly) took the gradient alone from 43.7 to 36.2 GB; the whole step
   is 45.8–47.1 GB (run-to-run differences of the TPU compiler), MFU bound 26%.
-- What is left is the weights more than the activations: at 4 images (1024 tokens) per chip each layer's bf16
-  weights are all-gathered (written, then read by their matmul) in the forward pass and again in the backward
-  pass, and its f32 weight gradient is written and reduce-scattered: ~0.8 of the ~1.4 GB per layer. Neither a
-  larger fsdp (64: the optimiser's share drops 8×, the collectives' buffers grow; 47.8 GB), nor casting the
-  weights to bfloat16 before the step (bf16 gradients reduced: 45.3 GB), nor other remat policies (none:
-  47.4 GB) changes that. Keeping each layer's gathered weights from the forward pass for the backward pass, and
-  reducing bf16 gradients, would need the collectives written out by hand (shard_map), which sfd_jax does not do.
+- At 4 images (1024 tokens) per chip (data 1 × fsdp 64, the fastest layout then) what was left was the weights:
+  each layer's bf16 weights all-gathered in the forward pass and, the layer being rematerialised, again in the
+  backward pass, the weight gradients reduced; libtpu 0.0.42 writes these gathers and reductions as all-reduces
+  (twice an all-gather's bytes): 6.3 GB received per chip, bound by ICI at 31.5 ms (MFU ≤ 47%), 17.8 GB of HBM.
+- Now each layer gathers its attention and MLP kernels itself, in bfloat16, as a named value the dots remat
+  policies keep for the backward pass (`models.dit._gathered_weights`), which then gathers nothing again; the
+  adaLN kernel (a third of a block's weights, multiplied by one condition vector per sample) stays sharded and
+  XLA moves its (batch, 6·D) products instead: 4.5 GB received, 14.0 GB of HBM traffic, bound by ICI at 22.7 ms,
+  MFU ≤ 64.7%. Gathering the adaLN kernel as well received 5.6 GB; a custom gradient rule leaving the weight
+  gradients' layout to XLA changed nothing; the libtpu option that keeps all-gathers as all-gathers
+  (`xla_tpu_prefer_async_allgather_to_allreduce`) halves the gathers' bytes but re-gathers adaLN kernels inside
+  the backward matmuls (20.3 GB of HBM, 59%), so it is not set. (The backward matmuls read the saved weights
+  through a nested fusion that slices one layer out of the stack; the planner's rule counts the slice: counting
+  the whole stack for every layer, as it did, put this step at 25.5 GB.)
 """
 from __future__ import annotations
 

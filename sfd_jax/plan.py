@@ -452,6 +452,28 @@ def _convolution_flops(i: _Instruction, out: int, local, by_name) -> float:
   return 2.0 * out * kernel[labels.group(2).index("i")] * taps
 
 
+def _fused_read(fused: list[_Instruction], index: int, size: float, computations) -> float:
+  """Bytes a fusion reads of its operand `index` (of `size` bytes): only the slices where every use slices it (also
+  inside a nested fusion, as TPU fusions take a scan's stacked buffers), nothing where it is only updated in place,
+  all of it otherwise."""
+  param = next((p for p in fused if p.opcode == "parameter" and p.operands == [str(index)]), None)
+  uses = [f for f in fused if param is not None and param.name in f.operands]
+  if not uses:
+    return size
+  if all(u.opcode == "dynamic-update-slice" and u.operands[0] == param.name for u in uses):
+    return 0.0  # updated in place: only the update is written (counted as the fusion's output)
+  read = 0.0
+  for u in uses:
+    if u.opcode in ("dynamic-slice", "slice"):
+      read += _array_bytes(u.type)
+    elif u.opcode == "fusion" and u.operands.count(param.name) == 1:
+      read += _fused_read(computations.get(dict(_callees(u)).get("calls"), []), u.operands.index(param.name), size,
+                          computations)
+    else:
+      return size
+  return min(read, size)
+
+
 def _traffic(i: _Instruction, local, by_name, computations) -> float:
   """HBM bytes of one top-level instruction: its operands read and its result written, where an in-place update
   (dynamic-update-slice) writes only the update and a sliced read reads only the slice."""
@@ -464,23 +486,8 @@ def _traffic(i: _Instruction, local, by_name, computations) -> float:
     return 2.0 * _array_bytes(i.type)
   if i.opcode != "fusion":
     return sum(operand_bytes) + _array_bytes(i.type)
-  callee = dict(_callees(i)).get("calls")
-  fused = computations.get(callee, [])
-  params = {int(p.operands[0]): p for p in fused if p.opcode == "parameter" and p.operands and p.operands[0].isdigit()}
-  users: dict[str, list[_Instruction]] = {}
-  for f in fused:
-    for o in f.operands:
-      users.setdefault(o, []).append(f)
-  read = 0.0
-  for index, size in enumerate(operand_bytes):
-    param = params.get(index)
-    uses = users.get(param.name, []) if param is not None else []
-    if uses and all(u.opcode in ("dynamic-slice", "slice") for u in uses):
-      read += sum(_array_bytes(u.type) for u in uses)
-    elif uses and all(u.opcode == "dynamic-update-slice" and u.operands[0] == param.name for u in uses):
-      continue  # updated in place: only the update is written (counted below)
-    else:
-      read += size
+  fused = computations.get(dict(_callees(i)).get("calls"), [])
+  read = sum(_fused_read(fused, index, size, computations) for index, size in enumerate(operand_bytes))
   root = next((f for f in fused if f.root), None)
   names = {f.name: f for f in fused}
   outputs = [names.get(o) for o in root.operands] if root is not None and root.opcode == "tuple" else [root]
