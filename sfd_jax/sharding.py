@@ -84,12 +84,14 @@ def constrain_batch(x):
   return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
 
 
-def gather(x):
-  """x replicated over every device of the mesh in context (an all-gather of what is sharded), e.g. a layer's
-  FSDP-sharded weights gathered once; unchanged without a mesh in context or on one device."""
+def fsdp_size() -> int:
+  """How many ways the mesh in context (`traced_with_mesh`) shards parameters over 'fsdp': 1 without a mesh."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return x
+  return 1 if mesh.empty or "fsdp" not in mesh.axis_names else mesh.shape["fsdp"]
+
+
+def gather(x):
+  """x replicated over every device of the mesh in context: an all-gather of what FSDP shards."""
   return jax.lax.with_sharding_constraint(x, P())
 
 

@@ -126,6 +126,23 @@ def test_grad_accumulation_keeps_the_flops(planned, devices):
   assert accum["flops_per_chip"] == pytest.approx(planned["train_step"]["flops_per_chip"], rel=0.03)
 
 
+def test_loop_costs_match_the_unrolled_step(devices):
+  """The planner's count of the scanned step (each loop body costed again for its other iterations) against XLA's
+  own count of the same step with the block scan unrolled (no loop left to expand): the recipe's settings, bf16
+  and remat dots_saveable, 8 layers."""
+  mesh = shd.make_mesh(2, 2, devices=devices)
+  steps = {}
+  for unroll in (1, 8):
+    cfg = planner_config()
+    cfg.model.update(depth=8, dtype="bfloat16", remat_policy="dots_saveable", scan_unroll=unroll)
+    steps[unroll] = plan.compile_program(plan.train_program(cfg, mesh), plan.CHIPS["TPU v5 lite"], CHIPS)
+  scanned, unrolled = steps[1], steps[8]
+  assert sorted(scanned["loops"]["trip_counts"]) == [8, 8] and not unrolled["loops"]["trip_counts"]
+  assert scanned["flops_per_chip"] == pytest.approx(unrolled["xla_cost_analysis"]["flops"], rel=0.02)
+  assert scanned["hbm_traffic_bytes_per_chip"] == pytest.approx(unrolled["xla_cost_analysis"]["bytes_accessed"],
+                                                                rel=0.1)
+
+
 def test_sampler_steps(planned):
   model = config_lib.build_model(planner_config().model)
   per_chip = 2 * model.forward_flops(with_repa=False) * 8 / CHIPS  # CFG doubles the batch

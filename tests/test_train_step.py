@@ -134,17 +134,19 @@ def test_two_processes_match_one(eight_devices, tmp_path):
     np.testing.assert_allclose(two[key], value, atol=1e-5, rtol=0, err_msg=key)
 
 
-@pytest.mark.parametrize("policy", ["dots_saveable", "full"])
-def test_remat_keeps_the_gathered_weights_for_the_backward_pass(policy, capsys):
+@pytest.mark.parametrize("policy, mesh_shape, kept", [("dots_saveable", (2, 4), True), ("full", (2, 4), False),
+                                                      ("dots_saveable", (8, 1), False)])
+def test_remat_keeps_the_gathered_weights_for_the_backward_pass(policy, mesh_shape, kept, capsys):
   """Under an FSDP mesh, each layer's attention and MLP kernels are gathered once, in the compute dtype; the dots
-  policies save them for the backward pass (which then gathers nothing again), `full` saves none of them."""
+  policies save them for the backward pass (which then gathers nothing again), `full` saves none of them; with
+  fsdp 1 there is nothing to gather, and nothing is kept."""
   cfg = tiny_config()
   cfg.model.update(dtype="bfloat16", remat_policy=policy)
   model = config_lib.build_model(cfg.model)
   params = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
   x, t, _, y = model.dummy_inputs(8)
   loss = lambda p: model.apply({"params": p}, x, t, t, y).sum()
-  mesh = jax.sharding.AbstractMesh((2, 4), shd.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = jax.sharding.AbstractMesh(mesh_shape, shd.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with jax.sharding.use_abstract_mesh(mesh):
     jax.ad_checkpoint.print_saved_residuals(loss, params)
   saved = set(re.findall(r"^(\w+\[[\d,]*\])", capsys.readouterr().out, flags=re.M))  # 'bf16[2,32,96] from ...'
@@ -152,4 +154,4 @@ def test_remat_keeps_the_gathered_weights_for_the_backward_pass(policy, capsys):
              if name in ("attn", "mlp") for leaf in jax.tree.leaves(block) if leaf.ndim == 3}
   saved_kernels = saved & kernels
   assert len(kernels) == 4  # qkv, proj, w12, w3
-  assert saved_kernels == (kernels if policy == "dots_saveable" else set())
+  assert saved_kernels == (kernels if kept else set())

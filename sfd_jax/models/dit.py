@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from sfd_jax.errors import UserError
-from sfd_jax.sharding import constrain_batch, gather
+from sfd_jax.sharding import constrain_batch, fsdp_size, gather
 from sfd_jax.models.layers import (NormWeight, RMSNorm, SwiGLU, attention, dense, modulate, rope_2d, sincos_2d,
                                    swiglu_hidden, timestep_embedding)
 
@@ -63,8 +63,12 @@ def _gathered_weights(params, dtype):
   Done explicitly, once per layer, so that the gathered weights are a value of the program the remat policies can
   keep for the backward pass; left to XLA, the backward pass of a rematerialised layer gathers them again. The adaLN
   modulation's kernel stays sharded: it multiplies one condition vector per sample, and moving those products is
-  cheaper than moving the kernel.
+  cheaper than moving the kernel. Without FSDP (no mesh, or fsdp 1) there is nothing to gather and the params are
+  returned as they are (each matmul casts its kernel, and the backward pass casts it again rather than keeping it).
   """
+  if fsdp_size() == 1:
+    return params
+
   def gathered(path, x):
     keys = [getattr(k, "key", None) for k in path]
     if keys[-1] != "kernel" or keys[0] not in ("attn", "mlp"):
