@@ -59,7 +59,7 @@ def test_non_finite_loss_skips_the_update():
   batch = tiny_batch(cfg)
   batch["x"][3, 0, 0, 0] = np.nan
   before, after, metrics = _run_one_step(cfg, batch)
-  assert not metrics["finite"] and after.step == 1
+  assert not metrics["finite"] and after.step == 1 and metrics["update_norm"] == 0
   jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
   jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
 
@@ -155,3 +155,21 @@ def test_remat_keeps_the_gathered_weights_for_the_backward_pass(policy, mesh_sha
   saved_kernels = saved & kernels
   assert len(kernels) == 4  # qkv, proj, w12, w3
   assert saved_kernels == (kernels if kept else set())
+
+
+def test_both_ways_of_skipping_agree():
+  """The select (accelerators) and the `lax.cond` (CPUs) around the update: the same update where the gradients are
+  finite, the state unchanged where they are not."""
+  cfg = tiny_config(ema_decay=0.5)
+  model = config_lib.build_model(cfg.model)
+  tx = state_lib.make_optimizer(cfg.optim)
+  state, _ = state_lib.create_train_state(model, tx, shd.make_mesh(), cfg.sharding, jax.random.key(0))
+  grads = jax.tree.map(lambda p: jax.numpy.full_like(p, 0.01), state.params)
+  for loss in (1.0, float("nan")):
+    results = [jax.device_get(jax.jit(lambda s, g: step_lib.apply_gradients(
+        s, g, {"loss": jax.numpy.float32(loss)}, tx=tx, cfg=cfg, skip_with_cond=cond))(state, grads))
+        for cond in (False, True)]
+    jax.tree.map(np.testing.assert_array_equal, results[0], results[1])
+    if loss != loss:
+      jax.tree.map(np.testing.assert_array_equal, results[0][0].params, jax.device_get(state.params))
+      assert results[0][1]["update_norm"] == 0 and results[0][0].step == 1

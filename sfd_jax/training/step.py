@@ -56,28 +56,40 @@ def sfd_loss_fn(model, cfg) -> Callable:
   return loss_fn
 
 
-def train_step(state: TrainState, batch, *, loss_fn: Callable, tx, cfg):
+def train_step(state: TrainState, batch, *, loss_fn: Callable, tx, cfg, skip_with_cond: bool = False):
   """One optimiser update; returns (new state, metrics)."""
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   metrics, grads = loss_and_grads(loss_fn, state.params, batch, rng, cfg.optim.grad_accum_steps)
-  return apply_gradients(state, grads, metrics, tx=tx, cfg=cfg)
+  return apply_gradients(state, grads, metrics, tx=tx, cfg=cfg, skip_with_cond=skip_with_cond)
 
 
-def apply_gradients(state: TrainState, grads, metrics, *, tx, cfg):
-  """The optimiser and EMA update from the gradients, skipped where the loss or gradients are not finite."""
+def apply_gradients(state: TrainState, grads, metrics, *, tx, cfg, skip_with_cond: bool = False):
+  """The optimiser and EMA update from the gradients, skipped where the loss or gradients are not finite.
+
+  The skip is a select between the new and the old state, which XLA fuses into the optimiser's own pass over the
+  state on accelerators. XLA:CPU does not: there the select reads and writes the whole state once more (a sixth
+  of a CPU step), so `skip_with_cond` (the train step's choice on CPU devices) wraps the update in a `lax.cond`
+  instead, which on a TPU would cost copies of the state. Either way a skipped step leaves params, EMA and
+  optimiser state as they were, and its `update_norm` is 0.
+  """
   grad_norm = optax.global_norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  decay = cfg.optim.ema_decay
-  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                            ema_params=keep(ema, state.ema_params), opt_state=keep(opt_state, state.opt_state))
-  metrics.update(grad_norm=grad_norm, param_norm=optax.global_norm(new_state.params),
-                 update_norm=optax.global_norm(updates), lr=lr_schedule(cfg.optim)(state.step),
-                 finite=finite)
+
+  def update(state):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = cfg.optim.ema_decay
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    return state.replace(params=params, ema_params=ema, opt_state=opt_state), optax.global_norm(updates)
+
+  if skip_with_cond:
+    new_state, update_norm = jax.lax.cond(finite, update, lambda state: (state, jnp.zeros((), jnp.float32)), state)
+  else:
+    new_state, update_norm = jax.tree.map(lambda n, o: jnp.where(finite, n, o), update(state),
+                                          (state, jnp.zeros((), jnp.float32)))
+  new_state = new_state.replace(step=state.step + 1)
+  metrics.update(grad_norm=grad_norm, param_norm=optax.global_norm(new_state.params), update_norm=update_norm,
+                 lr=lr_schedule(cfg.optim)(state.step), finite=finite)
   return new_state, metrics
 
 
@@ -90,6 +102,8 @@ def make_train_step(loss_fn: Callable, tx, cfg, mesh: Mesh, shardings: TrainStat
     raise shd.ShardingError(
         f"batch_size {cfg.batch_size} must be divisible by the {mesh.devices.size} devices × "
         f"{cfg.optim.grad_accum_steps} micro-batches (optim.grad_accum_steps); change one of them")
-  step = shd.traced_with_mesh(mesh, lambda state, batch: train_step(state, batch, loss_fn=loss_fn, tx=tx, cfg=cfg))
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  step = shd.traced_with_mesh(mesh, lambda state, batch: train_step(state, batch, loss_fn=loss_fn, tx=tx, cfg=cfg,
+                                                                    skip_with_cond=on_cpu))
   return jax.jit(step, in_shardings=(shardings, shd.batch_sharding(mesh)),
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
