@@ -17,7 +17,7 @@ def model_config(preset: str = "XL", **overrides) -> ml_collections.ConfigDict:
   """The LightningDiT-SFD fields for an official size (the official values for the rest)."""
   fields = dict(input_size=16, patch_size=1, in_channels=48, **preset_fields(preset), mlp_ratio=4.0, num_classes=1000,
                 dual_timestep=True, use_repa=True, repa_depth=2, repa_projector_dim=2048, repa_z_dim=768,
-                remat_policy="none", scan_unroll=1, dtype="float32")
+                remat_policy="dots_with_no_batch_dims_saveable", scan_unroll=1, dtype="float32")
   fields.update(overrides)
   return ml_collections.ConfigDict(fields)
 
