@@ -173,6 +173,14 @@ def sfd_loss(model, x1, x0, t, y, dino, delta_t=0.3, semantic_weight=2.0, semant
   return mse.mean() + cos.mean() + repa.mean()
 
 
+@torch.no_grad()
+def update_ema(ema_model, model, decay=0.9999):
+  """The official train.py's EMA update after every optimiser step: one in-place update per named parameter."""
+  ema_params = dict(ema_model.named_parameters())
+  for name, param in model.named_parameters():
+    ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
+
+
 def build(model_cfg) -> LightningDiTSFD:
   """The torch model for an sfd_jax `model` config."""
   return LightningDiTSFD(model_cfg.input_size, model_cfg.patch_size, model_cfg.in_channels, model_cfg.hidden_size,

@@ -8,12 +8,14 @@ Compiles, warms up, then times `--steps` steps and reports images/s at the media
 step: other processes on a shared machine only ever slow a step down), model FLOPs per image (3× the forward
 FLOPs counted from the config), MFU where the device's peak is known, and peak memory. The torch step
 (benchmarks/torch_reference.py, checked against tests/golden/dit_tiny first) runs the same config, batch and
-loss on the same device (CUDA when there is one, else all CPU threads), eagerly and with `--torch_compile` also
-torch.compile'd, under bf16 autocast when the config's dtype is bfloat16; the last lines are the speed ratios.
+loss, AdamW and the official EMA update on the same device (CUDA when there is one, else all CPU threads),
+eagerly and with `--torch_compile` also torch.compile'd, under bf16 autocast when the config's dtype is bfloat16;
+the last lines are the speed ratios.
 The first line names the device, and on CPU the processor model.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import resource
@@ -105,6 +107,7 @@ def bench_torch(cfg, steps, warmup, compile_model: bool = False):
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
   model = torch_reference.build(cfg.model).to(device)
+  ema = copy.deepcopy(model).requires_grad_(False)
   opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.b1, cfg.optim.b2),
                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
   forward = torch.compile(model) if compile_model else model
@@ -122,6 +125,7 @@ def bench_torch(cfg, steps, warmup, compile_model: bool = False):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    torch_reference.update_ema(ema, model, cfg.optim.ema_decay)
     sync()
 
   start = time.perf_counter()
