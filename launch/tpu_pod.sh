@@ -6,7 +6,7 @@
 #
 #   PROJECT=my-proj ZONE=us-east5-a TPU=sfd-xl TYPE=v5litepod-64 \
 #   WORKDIR=gs://my-bucket/sfd_xl DATA=gs://my-bucket/imagenet_latents_256 CONFIG=configs/sfd_xl.py \
-#   EXTRA="--config.model.dtype=bfloat16 --config.model.remat_policy=dots_saveable --config.mesh.fsdp=8" \
+#   EXTRA="--config.model.dtype=bfloat16 --config.model.remat_policy=dots_saveable --config.mesh.data=1 --config.mesh.fsdp=-1" \
 #   launch/tpu_pod.sh
 #
 # Required: PROJECT, ZONE, TPU (the TPU VM's name), TYPE (accelerator type), WORKDIR and DATA (the run's workdir
