@@ -9,16 +9,16 @@ counted by what they touch; `sfd_jax.plan`), whose total is printed beside XLA's
 which buffers stay in VMEM, so the two differ by a constant factor); labels are the JAX op names with the layer
 scan's path shortened (FWD forward, BWD backward, REMAT recomputed forward).
 
-Findings (SFD-XL, batch 256, bfloat16, remat dots_saveable, data 8 × fsdp 8 on v5e-64; XLA's cost model per chip
-per step, the block scan unrolled so that XLA counts every layer):
-- Before (28 unrolled blocks, XLA attention): 2.94 TFLOP and 55.7 GB (MFU bound 21.6%). The ranking then: the
-  matmul fusions, with the weight all-gathers and the f32 weight-gradient reduce-scatters that XLA overlaps with
-  them (~33 GB; the adaLN modulation alone ~120 MB per layer: a third of the weights for 0.05% of the FLOPs); the
-  attention (~12 GB: the (B, heads, N, N) float32 scores written and read in the forward, the recomputed forward
-  and the backward pass); the QK-norm/RoPE chains around it (~5 GB: q and k split into (…, heads, 72) arrays,
-  which TPU tiling pads to 128 lanes, normalised and rotated in separate fusions both ways); the optimiser, EMA
-  and non-finite guard (~6 GB: one fused update per leaf reading param, gradient, both moments and EMA, plus the
-  three global norms of the metrics).
+Findings (SFD-XL, batch 256, bfloat16, remat dots_saveable on v5e-64; XLA's cost model per chip per step, every
+layer counted):
+- Before (data 8 × fsdp 8, 28 unrolled blocks, XLA attention): 2.94 TFLOP and 55.7 GB (MFU bound 21.6%). The ranking
+  then: the matmul fusions, with the weight all-gathers and the f32 weight-gradient reduce-scatters that XLA overlaps
+  with them (~33 GB; the adaLN modulation alone ~120 MB per layer: a third of the weights for 0.05% of the FLOPs);
+  the attention (~12 GB: the (B, heads, N, N) float32 scores written and read in the forward, the recomputed forward
+  and the backward pass); the QK-norm/RoPE chains around it (~5 GB: q and k split into (…, heads, 72) arrays, which
+  TPU tiling pads to 128 lanes, normalised and rotated in separate fusions both ways); the optimiser, EMA and
+  non-finite guard (~6 GB: one fused update per leaf reading param, gradient, both moments and EMA, plus the three
+  global norms of the metrics).
 - The Pallas attention kernels (`sfd_jax/models/tpu_attention.py`: scores, QK-norm and RoPE in VMEM, reading the
   qkv projection and writing the output directly) took the gradient alone from 43.7 to 36.2 GB; the whole step
   is 45.8–47.1 GB (run-to-run differences of the TPU compiler), MFU bound 26%.
