@@ -67,7 +67,7 @@ class Chip:
 CHIPS = {
     "TPU v4": Chip(275e12, 1200e9, 30.75 * GiB, None, "cloud.google.com/tpu/docs/v4"),
     "TPU v5 lite": Chip(197e12, 819e9, 15.75 * GiB, 400e9, "cloud.google.com/tpu/docs/v5e"),
-    "TPU v5": Chip(459e12, 2765e9, 95.74 * GiB, 4800e9 / 8, "cloud.google.com/tpu/docs/v5p"),
+    "TPU v5": Chip(459e12, 2765e9, 95.74 * GiB, 1200e9, "cloud.google.com/tpu/docs/v5p"),
     "TPU v6 lite": Chip(918e12, 1638e9, 31.25 * GiB, 800e9, "cloud.google.com/tpu/docs/v6e"),
     "NVIDIA A100": Chip(312e12, 2039e9, 80e9, None, "NVIDIA A100 datasheet (80 GB SXM)"),
     "NVIDIA H100": Chip(989e12, 3350e9, 80e9, None, "NVIDIA H100 datasheet (SXM)"),
