@@ -187,16 +187,22 @@ class LightningDiT(nn.Module):
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
 
-  def setup(self):
+  def check_fields(self):
+    """Raises ValueError naming the first field that cannot build a network (also run by `setup`)."""
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
     if self.hidden_size % self.num_heads or self.head_dim % 4:
       raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_heads} heads of a width "
                        "divisible by 4 (2-D RoPE)")
+    if self.input_size % self.patch_size:
+      raise ValueError(f"input_size {self.input_size} must be a multiple of patch_size {self.patch_size}")
     if not 1 <= self.scan_unroll <= self.depth:
       raise ValueError(f"scan_unroll {self.scan_unroll} must lie in [1, depth={self.depth}]")
     if self.use_repa and not 1 <= self.repa_depth <= self.depth:
       raise ValueError(f"repa_depth {self.repa_depth} must lie in [1, depth={self.depth}]")
+
+  def setup(self):
+    self.check_fields()
     p, d = self.patch_size, self.hidden_size
     # xavier over the kernel viewed as (p·p·C → D), as the official init of the patch-embed conv.
     patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)

@@ -118,8 +118,14 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def build_model(model_cfg) -> LightningDiT:
-  """The LightningDiT a `model` config describes: `models.dit.lightningdit` (the one builder) of its fields."""
-  return lightningdit(**model_cfg)
+  """The LightningDiT a `model` config describes: `models.dit.lightningdit` (the one builder) of its fields; fields
+  that cannot build a network are a user error naming the field."""
+  model = lightningdit(**model_cfg)
+  try:
+    model.check_fields()
+  except ValueError as e:
+    raise UserError(f"config.model: {e}") from None
+  return model
 
 
 # (field, lowest, highest) allowed: None is no bound. A field a config does not have is skipped, so the SFD and
