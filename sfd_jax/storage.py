@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import io
+import json
 import os
 import pathlib
 import re
@@ -54,6 +55,11 @@ def filesystem_path(value, what: str) -> pathlib.Path:
 def write_text(target, text: str) -> None:
   """Writes a whole text file so that a reader sees the old content or the new, never a part (see `write_bytes`)."""
   write_bytes(target, text.encode())
+
+
+def write_json(target, obj) -> None:
+  """`obj` as indented JSON, written whole (see `write_bytes`)."""
+  write_text(target, json.dumps(obj, indent=1))
 
 
 def write_bytes(target, data: bytes) -> None:

@@ -43,7 +43,7 @@ def save_model(path, model, variables, extra: dict | None = None):
   checkpointer.save(path / "params", variables["params"])
   checkpointer.wait_until_finished()
   meta = {"class": type(model).__name__, "fields": model_fields(model), **(extra or {})}
-  storage.write_text(path / "model.json", json.dumps(meta, indent=1))
+  storage.write_json(path / "model.json", meta)
   return path
 
 

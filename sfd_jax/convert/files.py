@@ -4,7 +4,6 @@ The logic behind `python -m sfd_jax.cli.convert`, importable without its flags.
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
@@ -53,7 +52,7 @@ def write_stats(texture: dict, semantic: dict | None, out: str, sources):
   if path.exists():
     raise UserError(f"{path} exists; choose another output file")
   path.parent.mkdir(parents=True, exist_ok=True)
-  storage.write_text(path, json.dumps(stats, indent=1))
+  storage.write_json(path, stats)
   return path
 
 

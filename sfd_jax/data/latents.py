@@ -189,7 +189,7 @@ class LatentWriter:
         raise DatasetError(f"{self.directory} holds a dataset started with another {', '.join(differ)}; resume "
                            "it with the same inputs and settings, or write to a new output directory")
     elif write:
-      storage.write_text(path, json.dumps(plan, indent=1))
+      storage.write_json(path, plan)
 
   @contextlib.contextmanager
   def shard(self, shard: int):
@@ -202,7 +202,7 @@ class LatentWriter:
         yield out
       finally:
         out.close()
-    storage.write_text(_sidecar(path), json.dumps(out.stats(), indent=1))
+    storage.write_json(_sidecar(path), out.stats())
 
   def write_shard(self, shard: int, records: Iterable[Mapping]) -> int:
     """Writes one whole shard (records in order); returns the number of records."""
@@ -255,9 +255,9 @@ class LatentWriter:
         merged[key] = {"mean": [float(v) for v in stats[key]["mean"]], "std": [float(v) for v in stats[key]["std"]],
                        "source": stats[key].get("source", "given")}
     skipped = sorted((item for s in shard_stats for item in s.get("skipped", ())), key=lambda item: item["index"])
-    storage.write_text(self.directory / "stats.json", json.dumps(merged, indent=1))
+    storage.write_json(self.directory / "stats.json", merged)
     meta = {**self.meta, "record": self.spec, "num_records": sum(lengths), "skipped": skipped}
-    storage.write_text(self.directory / "meta.json", json.dumps(meta, indent=1))
+    storage.write_json(self.directory / "meta.json", meta)
     return merged
 
   def count_records(self) -> int:
