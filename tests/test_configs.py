@@ -59,7 +59,8 @@ def test_preset_argument_and_locking():
 
 @pytest.mark.parametrize("field, value, message", [
     ("scan_unroll", 99, "scan_unroll 99 must lie in"), ("repa_depth", 40, "repa_depth 40 must lie in"),
-    ("remat_policy", "dots", "remat_policy 'dots' is not one of"), ("num_heads", 5, "hidden_size 1152 must split into 5 heads"),
+    ("remat_policy", "dots", "remat_policy 'dots' is not one of"),
+    ("num_heads", 5, "hidden_size 1152 must split into 5 heads"),
     ("patch_size", 3, "input_size 16 must be a multiple of patch_size 3")])
 def test_model_fields_that_cannot_build_a_network_name_the_field(field, value, message):
   model = config_lib.model_config("XL")

@@ -82,11 +82,13 @@ def apply_gradients(state: TrainState, grads, metrics, *, tx, cfg, skip_with_con
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     return state.replace(params=params, ema_params=ema, opt_state=opt_state), optax.global_norm(updates)
 
+  def skip(state):
+    return state, jnp.zeros((), jnp.float32)
+
   if skip_with_cond:
-    new_state, update_norm = jax.lax.cond(finite, update, lambda state: (state, jnp.zeros((), jnp.float32)), state)
+    new_state, update_norm = jax.lax.cond(finite, update, skip, state)
   else:
-    new_state, update_norm = jax.tree.map(lambda n, o: jnp.where(finite, n, o), update(state),
-                                          (state, jnp.zeros((), jnp.float32)))
+    new_state, update_norm = jax.tree.map(lambda n, o: jnp.where(finite, n, o), update(state), skip(state))
   new_state = new_state.replace(step=state.step + 1)
   metrics.update(grad_norm=grad_norm, param_norm=optax.global_norm(new_state.params), update_norm=update_norm,
                  lr=lr_schedule(cfg.optim)(state.step), finite=finite)
