@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sfd_jax import sharding as shd
-from sfd_jax.models import layers, tpu_attention
+from sfd_jax.models import dit, layers, tpu_attention
 
 MESH = shd.make_mesh(1, 1)
 
@@ -73,6 +73,20 @@ def test_each_platform_gets_its_implementation():
   assert _lowered(shd.traced_with_mesh(MESH, train), "tpu").count("tpu_custom_call") == 2
   assert "tpu_custom_call" not in _lowered(shd.traced_with_mesh(MESH, attend), "cpu")
   assert "tpu_custom_call" not in _lowered(attend, "tpu")
+
+
+@pytest.mark.parametrize("attention, kernels", [("xla", 0), ("pallas", 2), ("auto", 2)])
+def test_model_attention_chooses_what_a_tpu_train_step_runs(attention, kernels):
+  """model.attention='xla' is the way back: a DiT's train step lowered for TPU then has no kernel at all."""
+  model = dit.lightningdit("S", input_size=16, hidden_size=144, depth=1, num_heads=2, num_classes=10, repa_depth=1,
+                           repa_projector_dim=32, repa_z_dim=16, dtype="bfloat16", attention=attention)
+  x, t, _, y = model.dummy_inputs(2)
+  params = jax.eval_shape(model.clone(attention="xla").init, jax.random.key(0), x, t, t, y)
+
+  def step(params):
+    return jax.grad(lambda p: jnp.sum(model.apply(p, x, t, t, y) ** 2))(params)
+  text = jax.jit(shd.traced_with_mesh(MESH, step)).trace(params).lower(lowering_platforms=("tpu",)).as_text()
+  assert text.count("tpu_custom_call") == kernels
 
 
 def test_kernel_cost_estimate_counts_the_attention():

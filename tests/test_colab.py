@@ -5,7 +5,11 @@ The released files are stood in for by the golden tiny models written in the rel
 `$SFD_NOTEBOOK_RELEASE` points the download cell at them, and a cell injected after the parameters cell (as
 papermill does) gives the convert flags of the tiny models in place of XL and B.
 """
+import ast
+import importlib.metadata
 import json
+import re
+import sys
 
 import nbformat
 import numpy as np
@@ -18,6 +22,8 @@ from tests import torch_format
 from tests.golden import REPO, load_golden
 
 LABELS = "1,5,9,2,0,3,7,4"  # the golden models have 10 classes
+# What the notebook takes from Colab's preinstalled packages (import name: how its text names it).
+COLAB_PREINSTALLED = {"google": "google.colab", "huggingface_hub": "huggingface_hub", "IPython": "IPython"}
 DICT_CONFIG = torch_format.Name("omegaconf.dictconfig", "DictConfig")
 
 
@@ -104,3 +110,23 @@ def test_notebook_converts_the_release_and_samples_a_grid_twice(tmp_path, monkey
   second = execute(notebook_path, injected, tmp_path)  # a new session: exports and compiled programs reused
   assert text_outputs(second).count("wrote") == 1
   assert sorted((root / "xla_cache").iterdir()) == cache
+
+
+def test_notebook_imports_only_declared_dependencies_and_what_it_says_colab_preinstalls():
+  notebook = nbformat.read(REPO / "launch" / "colab_sampling.ipynb", as_version=4)
+  imported = set()
+  for cell in notebook.cells:
+    if cell.cell_type == "code":
+      python = re.sub(r"^(\s*)%.*$", r"\1pass", cell.source, flags=re.M)  # IPython's magics
+      for node in ast.walk(ast.parse(python)):
+        if isinstance(node, ast.Import):
+          imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+          imported.add(node.module.split(".")[0])
+  declared = {"sfd_jax"} | {re.split(r"[\[<>=!~; ]", r)[0].replace("-", "_")
+                            for r in importlib.metadata.requires("sfd_jax") if "extra ==" not in r}
+  others = imported - declared - set(sys.stdlib_module_names)
+  assert others == set(COLAB_PREINSTALLED), others
+  text = "".join(c.source for c in notebook.cells if c.cell_type == "markdown")
+  assert all(name in text for name in COLAB_PREINSTALLED.values())
+  assert "Colab preinstalls" in text and "PRECISION = 'highest'" in text

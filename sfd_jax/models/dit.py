@@ -20,8 +20,9 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from sfd_jax.errors import UserError
-from sfd_jax.sharding import constrain_batch, fsdp_size, gather
-from sfd_jax.models.layers import (NormWeight, RMSNorm, SwiGLU, attention, dense, modulate, rope_2d, sincos_2d,
+from sfd_jax.sharding import batch_devices, constrain_batch, fsdp_size, gather, traced_with_mesh
+from sfd_jax.models.layers import (ATTENTION, MATMUL_PRECISIONS, NormWeight, RMSNorm, SwiGLU, attention,
+                                   compare_attention, dense, matmul_precision, modulate, rope_2d, sincos_2d,
                                    swiglu_hidden, timestep_embedding)
 
 Dtype = Any
@@ -97,10 +98,13 @@ class Attention(nn.Module):
   """Multi-head self-attention with per-head RMSNorm on q and k (one weight shared by all heads) and 2-D RoPE.
 
   The norms and RoPE run in float32 and are cast to `dtype` once, as the attention's input (inside the attention
-  kernel where there is one: `layers.attention`).
+  kernel where there is one: `layers.attention`, with the model's `attention` and `matmul_precision`). The inputs
+  of `layers.attention` are sown as intermediates (`attention_inputs`), for `LightningDiT.attention_inputs`.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
+  matmul_precision: str = "default"
 
   @nn.compact
   def __call__(self, x, rope_cos, rope_sin):
@@ -108,7 +112,9 @@ class Attention(nn.Module):
     head_dim = d // self.num_heads
     qkv = _dense(3 * d, self.dtype, "qkv")(x)
     norm_rope = (NormWeight(head_dim, name="q_norm")(), NormWeight(head_dim, name="k_norm")(), rope_cos, rope_sin)
-    return _dense(d, self.dtype, "proj")(attention(qkv, self.num_heads, norm_rope))
+    self.sow("intermediates", "attention_inputs", (qkv, *norm_rope))
+    out = attention(qkv, self.num_heads, norm_rope, implementation=self.attention, precision=self.matmul_precision)
+    return _dense(d, self.dtype, "proj")(out)
 
 
 class LightningDiTBlock(nn.Module):
@@ -119,6 +125,8 @@ class LightningDiTBlock(nn.Module):
   num_heads: int
   mlp_hidden: int
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
+  matmul_precision: str = "default"
 
   @nn.compact
   def __call__(self, x, c, rope_cos, rope_sin):
@@ -126,7 +134,8 @@ class LightningDiTBlock(nn.Module):
     mod = _dense(6 * d, self.dtype, "adaLN_modulation", zero=True)(nn.silu(c))
     sh1, sc1, g1, sh2, sc2, g2 = jnp.split(mod, 6, axis=-1)
     h = modulate(RMSNorm(name="norm1")(x), sh1, sc1).astype(self.dtype)
-    x = x + g1[:, None] * Attention(self.num_heads, self.dtype, name="attn")(h, rope_cos, rope_sin)
+    attn = Attention(self.num_heads, self.dtype, self.attention, self.matmul_precision, name="attn")
+    x = x + g1[:, None] * attn(h, rope_cos, rope_sin)
     h = modulate(RMSNorm(name="norm2")(x), sh2, sc2).astype(self.dtype)
     return x + g2[:, None] * SwiGLU(self.mlp_hidden, self.dtype, _XAVIER, name="mlp")(h)
 
@@ -161,6 +170,11 @@ class LightningDiT(nn.Module):
 
   `dual_timestep=False` is the plain LightningDiT time conditioning (one embedder of width D fed with t_sem,
   which equals t_tex when Δ = 0), for checkpoints trained without the semantic-first offset.
+
+  `attention` (one of `layers.ATTENTION`) chooses the attention implementation (`layers.attention`);
+  `matmul_precision` (one of `layers.MATMUL_PRECISIONS`) is the precision of every matmul and convolution of the
+  network and of their gradients: 'highest' reproduces float32 arithmetic on TPUs and GPUs too, 'default' takes
+  the platform's faster passes (bfloat16 on TPU, TF32 on GPU) for float32 operands.
   """
   input_size: int = 16
   patch_size: int = 1
@@ -178,6 +192,8 @@ class LightningDiT(nn.Module):
   remat_policy: str = "none"
   scan_unroll: int = 1  # layers per iteration of the block scan; `depth` unrolls it (XLA then costs every layer)
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
+  matmul_precision: str = "default"
 
   @property
   def grid_size(self) -> int:
@@ -191,6 +207,10 @@ class LightningDiT(nn.Module):
     """Raises ValueError naming the first field that cannot build a network (also run by `setup`)."""
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+    if self.attention not in ATTENTION:
+      raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION}")
+    if self.matmul_precision not in MATMUL_PRECISIONS:
+      raise ValueError(f"matmul_precision {self.matmul_precision!r} is not one of {MATMUL_PRECISIONS}")
     if self.hidden_size % self.num_heads or self.head_dim % 4:
       raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_heads} heads of a width "
                        "divisible by 4 (2-D RoPE)")
@@ -223,7 +243,7 @@ class LightningDiT(nn.Module):
   def block(self) -> LightningDiTBlock:
     """The block every layer applies (unbound); layer i's parameters are `params['blocks']` at index i."""
     return LightningDiTBlock(self.num_heads, swiglu_hidden(self.hidden_size, self.mlp_ratio), self.dtype,
-                             parent=None)
+                             self.attention, self.matmul_precision, parent=None)
 
   def _init_blocks(self, key):
     """Every layer's parameters, initialised independently and stacked on a leading depth axis."""
@@ -257,23 +277,40 @@ class LightningDiT(nn.Module):
       emb = self.t_embedder(t_sem)
     return emb + self.y_embedder(y).astype(emb.dtype)
 
-  def __call__(self, x, t_tex, t_sem, y, return_repa: bool = False):
+  def _embed(self, x, t_tex, t_sem, y):
+    """(tokens (B, N, D) with the position table added, condition c (B, D)): the input of the first block."""
     b, h, w, c_in = x.shape
     if (h, w, c_in) != (self.input_size, self.input_size, self.in_channels):
       raise ValueError(f"LightningDiT expects latents (B, {self.input_size}, {self.input_size}, "
                        f"{self.in_channels}) NHWC, got {x.shape}")
-    if return_repa and not self.use_repa:
-      raise ValueError("return_repa=True needs a model built with use_repa=True")
-    p, g = self.patch_size, self.grid_size
+    g = self.grid_size
     tokens = self.x_embedder(x.astype(self.dtype)).reshape(b, g * g, self.hidden_size)
     tokens = tokens + jnp.asarray(sincos_2d(self.hidden_size, g), self.dtype)[None]
-    c = self.condition(t_tex, t_sem, y)
-    tokens, after_repa = self._apply_blocks(tokens, c)
-    z = self.repa_projector(after_repa).astype(jnp.float32) if self.use_repa else None
-    out = self.final_layer(tokens, c).astype(jnp.float32)
+    return tokens, self.condition(t_tex, t_sem, y)
+
+  def __call__(self, x, t_tex, t_sem, y, return_repa: bool = False):
+    if return_repa and not self.use_repa:
+      raise ValueError("return_repa=True needs a model built with use_repa=True")
+    with matmul_precision(self.matmul_precision):
+      b, h, w, _ = x.shape
+      p, g = self.patch_size, self.grid_size
+      tokens, c = self._embed(x, t_tex, t_sem, y)
+      tokens, after_repa = self._apply_blocks(tokens, c)
+      z = self.repa_projector(after_repa).astype(jnp.float32) if self.use_repa else None
+      out = self.final_layer(tokens, c).astype(jnp.float32)
     # Per-token outputs are laid out (i, j, c) with c fastest: the official unpatchify.
     v = out.reshape(b, g, g, p, p, self.in_channels).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, self.in_channels)
     return (v, z) if return_repa else v
+
+  def attention_inputs(self, x, t_tex, t_sem, y):
+    """The arguments of the first block's `layers.attention` for these inputs, (qkv, q_weight, k_weight, cos,
+    sin): what `check_attention` runs each implementation on (everything before it is the same for all)."""
+    with matmul_precision(self.matmul_precision):
+      tokens, c = self._embed(x, t_tex, t_sem, y)
+      first = jax.tree.map(lambda p: p[0], self.blocks)
+      _, state = self.block().apply({"params": _gathered_weights(first, self.dtype)}, constrain_batch(tokens), c,
+                                    *rope_2d(self.head_dim, self.grid_size), mutable=["intermediates"])
+    return state["intermediates"]["attn"]["attention_inputs"][0]
 
   def forward_flops(self, with_repa: bool = True) -> int:
     """Model FLOPs of one forward pass for one sample (a multiply-add counts 2), for throughput and MFU.
@@ -295,6 +332,37 @@ class LightningDiT(nn.Module):
     x = jnp.zeros((batch, self.input_size, self.input_size, self.in_channels), jnp.float32)
     t = jnp.zeros((batch,), jnp.float32)
     return x, t, t, jnp.zeros((batch,), jnp.int32)
+
+
+def check_attention(model: LightningDiT, variables, x, t_tex, t_sem, y, mesh, gradients: bool, where: str):
+  """Runs the first attention of `model` on the first sample per device of these inputs (a real batch) with the
+  model's attention and with XLA's, under `mesh` as the steps run, and stops (`layers.compare_attention`) if the outputs, and with
+  `gradients` the gradients of qkv and of the QK-norm weights, differ beyond bfloat16 rounding.
+
+  One block's forward (and backward) pass: a fraction of a second, once per run, for the way back from a kernel
+  that is wrong on the chip it runs on (the kernels are tested elsewhere only as interpreted jaxpr)."""
+  heads, implementation, precision = model.num_heads, model.attention, model.matmul_precision
+  inputs_model, cotangent_key = model.clone(attention="xla"), jax.random.key(0)  # the same inputs for both
+
+  def outputs(impl, variables, *inputs):
+    x, t_tex, t_sem, y = (a[:batch_devices(mesh)] for a in inputs)
+    qkv, *weights = inputs_model.apply(variables, x, t_tex, t_sem, y, method=LightningDiT.attention_inputs)
+    wq, wk, cos, sin = weights
+
+    def attend(qkv, wq, wk):
+      with matmul_precision(precision):
+        return attention(qkv, heads, (wq, wk, cos, sin), implementation=impl, precision=precision)
+    if not gradients:
+      return {"output": attend(qkv, wq, wk)}
+    out, vjp = jax.vjp(attend, qkv, wq, wk)
+    grads = vjp(jax.random.normal(cotangent_key, out.shape, out.dtype))
+    return {"output": out, "qkv gradient": grads[0], "QK-norm weight gradients": jnp.concatenate(grads[1:])}
+
+  def run(impl):
+    fn = jax.jit(traced_with_mesh(mesh, lambda *args: outputs(impl, *args)))
+    return jax.device_get(fn(variables, x, t_tex, t_sem, y))
+
+  compare_attention(run(implementation), run("xla"), implementation, where)
 
 
 def preset_fields(preset: str) -> dict:

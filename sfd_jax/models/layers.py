@@ -11,6 +11,7 @@ they reproduce the official float64 (sin-cos) and float32 (RoPE) recipes exactly
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sfd_jax.errors import UserError
 from sfd_jax.models import tpu_attention
 
 Dtype = Any
@@ -39,21 +41,83 @@ def cast_kernels(variables, dtype):
   return jax.tree_util.tree_map_with_path(cast, variables)
 
 
-def attention(qkv, num_heads: int, norm_rope=None, eps: float = 1e-6):
+# The attention implementations a model can ask for; `auto` takes the platform's fused kernel where it has one.
+ATTENTION = ("auto", "xla", "pallas", "cudnn")
+# What each kernel needs of the device (the sentence of the error when it is asked for elsewhere).
+_KERNEL_NEEDS = {"pallas": "a TPU", "cudnn": "an NVIDIA GPU of compute capability 8.0 or later (Ampere, e.g. A100, "
+                                              "L4, H100; not a T4 or V100)"}
+# The matmul precisions a model can run at: `default` leaves the platform's choice (on TPU one bfloat16 pass for
+# float32 operands, TF32 on Ampere and later GPUs, full float32 on CPU) and any `jax_default_matmul_precision` the
+# program sets; `high` is three bfloat16 passes on TPU (about float32's accuracy); `highest` is full float32.
+MATMUL_PRECISIONS = ("default", "high", "highest")
+# Two attention outputs (or gradients) agree when they differ by bfloat16 rounding: a relative L2 error up to a few
+# of its units. A kernel that is wrong (a head dropped, a wrong scale, a misplaced block) is off by far more.
+BF16_ROUNDING = 2.0 ** -8
+ATTENTION_TOLERANCE = 4 * BF16_ROUNDING
+
+
+def _cuda_capability(device) -> tuple[int, ...] | None:
+  """(major, minor) of an NVIDIA GPU, None for other devices (a ROCm GPU reports no numeric capability)."""
+  try:
+    return tuple(int(v) for v in str(device.compute_capability).split(".")[:2])
+  except (AttributeError, ValueError):
+    return None
+
+
+def attention_kernel(requested: str, device) -> str:
+  """The attention that `requested` (one of `ATTENTION`) runs on `device` (a jax Device, or anything with its
+  `platform`, `device_kind` and, on GPUs, `compute_capability`): 'xla', 'pallas' or 'cudnn'.
+
+  `auto` picks the Pallas kernels on TPU and cuDNN's fused attention on NVIDIA GPUs of compute capability 8.0 or
+  later (what cuDNN's flash attention supports), XLA's elsewhere; a kernel the device lacks is a user error.
+  """
+  if requested not in ATTENTION:
+    raise UserError(f"model.attention={requested!r} is not one of {ATTENTION}")
+  capability = _cuda_capability(device) if device.platform == "gpu" else None
+  available = {"pallas": device.platform == "tpu", "cudnn": capability is not None and capability >= (8, 0)}
+  if requested == "auto":
+    return next((kernel for kernel, ok in available.items() if ok), "xla")
+  if requested != "xla" and not available[requested]:
+    raise UserError(f"model.attention={requested!r} needs {_KERNEL_NEEDS[requested]}, and this device is a "
+                    f"{getattr(device, 'device_kind', device.platform)}: use model.attention='auto' or 'xla'")
+  return requested
+
+
+def matmul_precision(name: str):
+  """The context a network's matmuls and convolutions are traced in (`jax.default_matmul_precision`), so that every
+  one of them, and its gradient, carries the precision of `name` (one of `MATMUL_PRECISIONS`)."""
+  if name not in MATMUL_PRECISIONS:
+    raise ValueError(f"matmul_precision {name!r} is not one of {MATMUL_PRECISIONS}")
+  return contextlib.nullcontext() if name == "default" else jax.default_matmul_precision(name)
+
+
+def _cudnn_fits(dtype, head_dim: int) -> bool:
+  """cuDNN's flash attention: bfloat16 or float16, head_dim a multiple of 8 up to 128 (the bound of Ampere)."""
+  return dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+
+
+def attention(qkv, num_heads: int, norm_rope=None, eps: float = 1e-6, implementation: str = "auto",
+              precision: str = "default"):
   """Multi-head self-attention of a fused qkv projection (B, N, 3·D), [q | k | v] each head-major → (B, N, D),
   softmax(q·kᵀ/√head_dim)·v in qkv's dtype with a float32 softmax.
 
   `norm_rope` = (q_weight, k_weight, cos, sin): q and k are first RMS-normalised per head, times the (head_dim,)
   weights shared by all heads, and rotated by RoPE with (N, head_dim) tables (the DiT's QK-norm), in float32.
 
-  The one attention of every network here; the implementation is chosen in this one place, for the platform the
-  program is compiled for: on TPU the Pallas kernels of `tpu_attention` (QK-norm, RoPE and scores kept in VMEM),
-  when a mesh is in context (`sharding.traced_with_mesh`; the jitted steps enter theirs) and a sample's working
-  set fits on chip; on NVIDIA GPUs cuDNN flash attention where it applies (bfloat16/float16, head_dim a multiple
-  of 8 up to 128); otherwise XLA's einsum-softmax-einsum (CPU, where the parity tests check it).
+  The one attention of every network here; `implementation` (one of `ATTENTION`, a model's `attention` field)
+  chooses it in this one place. `auto`, for the platform the program is compiled for: on TPU the Pallas kernels
+  of `tpu_attention` (QK-norm, RoPE and scores kept in VMEM), when a mesh is in context
+  (`sharding.traced_with_mesh`; the jitted steps enter theirs), the batch splits evenly over its devices and a
+  sample's working set fits on chip; on NVIDIA GPUs of compute capability ≥ 8.0 cuDNN flash attention where it
+  applies (bfloat16/float16, head_dim a multiple of 8 up to 128); otherwise XLA's einsum-softmax-einsum (CPU, where
+  the parity tests check it). `xla` is always XLA's; `pallas` and `cudnn` ask for that kernel, and a shape it
+  cannot take is a user error. `precision` (one of `MATMUL_PRECISIONS`, the model's) is also handed to the Pallas
+  kernels, whose backward pass is traced outside the model's `matmul_precision` context.
   """
   b, n, three_d = qkv.shape
   head_dim = three_d // 3 // num_heads
+  if implementation not in ATTENTION:
+    raise UserError(f"model.attention={implementation!r} is not one of {ATTENTION}")
 
   def split_heads(qkv):
     qkv = qkv.reshape(b, n, 3, num_heads, head_dim)
@@ -67,14 +131,51 @@ def attention(qkv, num_heads: int, norm_rope=None, eps: float = 1e-6):
   def xla(qkv):
     return jax.nn.dot_product_attention(*split_heads(qkv), implementation="xla").reshape(b, n, -1)
 
-  if (jax.default_backend() == "gpu" and qkv.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
-      and head_dim <= 128):
+  def cudnn(qkv):
     return jax.nn.dot_product_attention(*split_heads(qkv), implementation="cudnn").reshape(b, n, -1)
-  if (not jax.sharding.get_abstract_mesh().empty
-      and tpu_attention.fits(n, three_d // 3, jnp.dtype(qkv.dtype).itemsize)):
-    kernels = lambda qkv: tpu_attention.attention(qkv, num_heads, norm_rope, eps)
+
+  def kernels(qkv):
+    return tpu_attention.attention(qkv, num_heads, norm_rope, eps, precision=precision)
+
+  fits_chip = tpu_attention.fits(n, three_d // 3, jnp.dtype(qkv.dtype).itemsize)
+  if implementation == "xla":
+    return xla(qkv)
+  if implementation == "cudnn":
+    if not _cudnn_fits(qkv.dtype, head_dim):
+      raise UserError(f"model.attention='cudnn' takes bfloat16 or float16 (model.dtype) and a head width that is a "
+                      f"multiple of 8 up to 128, not {jnp.dtype(qkv.dtype).name} and {head_dim}: use "
+                      "model.attention='auto' or 'xla'")
+    return cudnn(qkv)
+  if implementation == "pallas":
+    if not fits_chip:
+      raise UserError(f"model.attention='pallas': {n} tokens of width {three_d // 3} do not fit the kernel's VMEM "
+                      "budget (a sample's scores stay on chip): use model.attention='auto' or 'xla'")
+    return kernels(qkv)
+  if (jax.default_backend() == "gpu" and attention_kernel("auto", jax.devices()[0]) == "cudnn"
+      and _cudnn_fits(qkv.dtype, head_dim)):
+    return cudnn(qkv)
+  if fits_chip and not jax.sharding.get_abstract_mesh().empty and tpu_attention.splits(b):
     return jax.lax.platform_dependent(qkv, tpu=kernels, default=xla)
   return xla(qkv)
+
+
+def attention_error(got, want) -> float:
+  """‖got − want‖ / ‖want‖ over all elements, in float32: how far an attention output (or gradient) is from XLA's."""
+  got, want = jnp.asarray(got, jnp.float32), jnp.asarray(want, jnp.float32)
+  return float(jnp.linalg.norm(got - want) / jnp.maximum(jnp.linalg.norm(want), jnp.finfo(jnp.float32).tiny))
+
+
+def compare_attention(outputs: dict, reference: dict, implementation: str, where: str) -> None:
+  """Stops (a user error) when an output of the `implementation` kernel, named by its key in `outputs`, differs
+  from XLA attention's (`reference`) beyond bfloat16 rounding (`ATTENTION_TOLERANCE`); the message says how to go
+  on without the kernel."""
+  for name, want in reference.items():
+    error = attention_error(outputs[name], want)
+    if not error <= ATTENTION_TOLERANCE:
+      raise UserError(f"the {implementation} attention kernel's {name} differs from XLA attention's on {where} by "
+                      f"{error:.3g} (relative L2; bfloat16 rounding allows {ATTENTION_TOLERANCE:.3g}): the kernel is "
+                      "wrong on this platform; set model.attention='xla' (--config.model.attention=xla, or "
+                      "--attention=xla when sampling) to run without it")
 
 
 def rms_normalize(x, eps: float = 1e-6):

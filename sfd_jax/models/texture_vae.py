@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sfd_jax.models.layers import MATMUL_PRECISIONS, matmul_precision
+
 Dtype = Any
 
 LOGVAR_RANGE = (-30.0, 20.0)  # the official DiagonalGaussianDistribution clamp
@@ -149,7 +151,9 @@ class AutoencoderKL(nn.Module):
   """Encoder + 1×1 `quant_conv` → diagonal Gaussian posterior; 1×1 `post_quant_conv` + Decoder back to images.
 
   `encode(images)` → (mean, logvar), `decode(latents)` → images, all NHWC float32 whatever the compute `dtype`;
-  `__call__` decodes the posterior mean so that `init` creates every parameter.
+  `__call__` decodes the posterior mean so that `init` creates every parameter. `matmul_precision` (one of
+  `layers.MATMUL_PRECISIONS`) is that of every convolution and attention matmul: sampling decodes at the DiT's
+  (`generate`), so that 'highest' gives float32 images end to end on TPUs and GPUs too.
   """
   ch: int = 128
   ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
@@ -163,8 +167,11 @@ class AutoencoderKL(nn.Module):
   double_z: bool = True
   resamp_with_conv: bool = True
   dtype: Dtype = jnp.float32
+  matmul_precision: str = "default"
 
   def setup(self):
+    if self.matmul_precision not in MATMUL_PRECISIONS:
+      raise ValueError(f"matmul_precision {self.matmul_precision!r} is not one of {MATMUL_PRECISIONS}")
     if not self.double_z:
       raise ValueError("AutoencoderKL needs double_z=True: the encoder must output both mean and log-variance")
     if any(self.ch * m % 32 for m in self.ch_mult):
@@ -180,7 +187,8 @@ class AutoencoderKL(nn.Module):
 
   def moments(self, images):
     """quant_conv(encoder(images)): [mean | logvar] along channels, before the clamp, float32."""
-    return self.quant_conv(self.encoder(images)).astype(jnp.float32)
+    with matmul_precision(self.matmul_precision):
+      return self.quant_conv(self.encoder(images)).astype(jnp.float32)
 
   def encode(self, images):
     """The posterior of images (B, H, W, in_channels) in [-1, 1]: (mean, logvar), logvar clamped to [-30, 20]."""
@@ -189,7 +197,8 @@ class AutoencoderKL(nn.Module):
 
   def decode(self, latents):
     """images (B, H, W, out_ch), float32, roughly in [-1, 1], from texture latents (B, h, w, embed_dim)."""
-    return self.decoder(self.post_quant_conv(latents.astype(self.dtype))).astype(jnp.float32)
+    with matmul_precision(self.matmul_precision):
+      return self.decoder(self.post_quant_conv(latents.astype(self.dtype))).astype(jnp.float32)
 
   def __call__(self, images):
     return self.decode(self.encode(images)[0])

@@ -16,7 +16,7 @@ RoPE's pair rotation (x[2i], x[2i+1]) → (−x[2i+1], x[2i]) is a signed permut
 One grid step handles one sample. Each `pallas_call` carries a `pl.CostEstimate` (matmul FLOPs, exponentials, HBM
 bytes) so that XLA's cost model, and the plan tool with it, sees the attention. The kernels see one device's
 shard: `attention` wraps them in `jax.shard_map` over the batch axes of the mesh in context (Mosaic kernels are
-not partitioned automatically).
+not partitioned automatically), so the batch must split evenly over those devices (`splits`).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from sfd_jax import sharding as shd
+from sfd_jax.errors import UserError
 
 # A sample's qkv, output and cotangents, double-buffered, and one head's scores stay in VMEM.
 _VMEM_LIMIT = 32 * 2 ** 20
@@ -44,6 +45,15 @@ def fits(n: int, width: int, itemsize: int) -> bool:
   return blocks + 4 * n * n * 4 <= _VMEM_BUDGET     # s, p, dp, ds of one head, float32
 
 
+def splits(batch: int) -> bool:
+  """Whether the kernels can run on a batch of `batch` samples under the mesh in context: each of its devices takes
+  an equal share of the rows. A batch smaller than the device count (what the sampler's per-sample vmap traces:
+  one sample, or its guided pair) runs whole on each device, and vmap splits the samples over the devices; a larger
+  one must divide evenly. Without a mesh the kernels see the whole batch, as on one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or batch < shd.batch_devices(mesh) or batch % shd.batch_devices(mesh) == 0
+
+
 def rotation(head_dim: int) -> np.ndarray:
   """R with x·R = rot(x): rot(x)[2i] = −x[2i+1], rot(x)[2i+1] = x[2i] (RoPE's pairs)."""
   r = np.zeros((head_dim, head_dim), np.float32)
@@ -52,12 +62,17 @@ def rotation(head_dim: int) -> np.ndarray:
   return r
 
 
-def _dot(a, b, dims):
-  """a·b with float32 accumulation. bfloat16 operands take the MXU's native precision, which is exact for them
-  (Mosaic refuses a float32 contract precision on bfloat16, as a global `jax_default_matmul_precision` asks)."""
-  precision = jax.lax.Precision.DEFAULT if a.dtype == jnp.bfloat16 else None
+def _dot(a, b, dims, precision=None):
+  """a·b with float32 accumulation, float32 operands at `precision` (the model's `matmul_precision`; None: the
+  program's default). bfloat16 operands take the MXU's native precision, which is exact for them (Mosaic refuses a
+  float32 contract precision on bfloat16, as a global `jax_default_matmul_precision` asks)."""
+  precision = jax.lax.Precision.DEFAULT if a.dtype == jnp.bfloat16 else precision
   return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)
 
+
+# The kernels' float32 matmul precision for a model's `matmul_precision`: None takes the program's default; Mosaic
+# has no three-pass ('high') float32 matmul, so 'high' runs at 'highest' (at least the precision asked for).
+_KERNEL_PRECISION = {"default": None, "high": jax.lax.Precision.HIGHEST, "highest": jax.lax.Precision.HIGHEST}
 
 _NN = (((1,), (0,)), ((), ()))  # a·b
 _NT = (((1,), (1,)), ((), ()))  # a·bᵀ
@@ -105,7 +120,7 @@ def _heads(qkv_ref, heads: int):
            slice(2 * d + h * hd, 2 * d + (h + 1) * hd), slice(h * hd, (h + 1) * hd)) for h in range(heads)]
 
 
-def _forward_kernel(*refs, heads: int, scale: float, norm: bool, eps: float):
+def _forward_kernel(*refs, heads: int, scale: float, norm: bool, eps: float, precision):
   if norm:
     qkv_ref, wq_ref, wk_ref, cos_ref, sin_ref, r_ref, o_ref = refs
   else:
@@ -117,11 +132,11 @@ def _forward_kernel(*refs, heads: int, scale: float, norm: bool, eps: float):
       tables = (cos_ref[...], sin_ref[...], r_ref[...])
       q = _norm_rope(q, wq_ref[...], *tables, eps)[0].astype(dtype)
       k = _norm_rope(k, wk_ref[...], *tables, eps)[0].astype(dtype)
-    p = _softmax(_dot(q, k, _NT) * scale)
-    o_ref[0, :, os_] = _dot(p.astype(dtype), v, _NN).astype(o_ref.dtype)
+    p = _softmax(_dot(q, k, _NT, precision) * scale)
+    o_ref[0, :, os_] = _dot(p.astype(dtype), v, _NN, precision).astype(o_ref.dtype)
 
 
-def _backward_kernel(*refs, heads: int, scale: float, norm: bool, eps: float):
+def _backward_kernel(*refs, heads: int, scale: float, norm: bool, eps: float, precision):
   if norm:
     qkv_ref, wq_ref, wk_ref, cos_ref, sin_ref, r_ref, do_ref, dqkv_ref, dw_ref = refs
     tables = (cos_ref[...], sin_ref[...], r_ref[...])
@@ -135,18 +150,18 @@ def _backward_kernel(*refs, heads: int, scale: float, norm: bool, eps: float):
       q, nq, iq = _norm_rope(q, wq_ref[...], *tables, eps)
       k, nk, ik = _norm_rope(k, wk_ref[...], *tables, eps)
       q, k = q.astype(dtype), k.astype(dtype)
-    p = _softmax(_dot(q, k, _NT) * scale)
-    dp = _dot(do, v, _NT)
+    p = _softmax(_dot(q, k, _NT, precision) * scale)
+    dp = _dot(do, v, _NT, precision)
     ds = (p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * scale).astype(dtype)
-    dq = _dot(ds, k, _NN)
-    dk = _dot(ds, q, _TN)
+    dq = _dot(ds, k, _NN, precision)
+    dk = _dot(ds, q, _TN, precision)
     if norm:
       dq, dwq_h = _norm_rope_vjp(dq, nq, iq, wq_ref[...], *tables)
       dk, dwk_h = _norm_rope_vjp(dk, nk, ik, wk_ref[...], *tables)
       dwq, dwk = dwq + dwq_h, dwk + dwk_h
     dqkv_ref[0, :, qs] = dq.astype(dqkv_ref.dtype)
     dqkv_ref[0, :, ks] = dk.astype(dqkv_ref.dtype)
-    dqkv_ref[0, :, vs] = _dot(p.astype(dtype), do, _TN).astype(dqkv_ref.dtype)
+    dqkv_ref[0, :, vs] = _dot(p.astype(dtype), do, _TN, precision).astype(dqkv_ref.dtype)
   if norm:
     dw_ref[0, 0:1, :] = dwq
     dw_ref[0, 1:2, :] = dwk
@@ -182,18 +197,25 @@ def _pallas(kernel, qkv, extra, tail, out_shapes, heads, backward, norm, interpr
 
 
 def _on_shards(fn, batch: int, n_rows: int, n_args: int, outputs: int):
-  """fn on each device's rows of the batch (every device computes all of a batch the devices do not divide): the
-  first `n_rows` arguments (qkv, the cotangent) are split by rows, the rest (weights, tables) replicated."""
+  """fn on each device's rows of the batch: the first `n_rows` arguments (qkv, the cotangent) are split by rows,
+  the rest (weights, tables) replicated. A batch the devices do not divide is refused rather than computed whole on
+  every device (`layers.attention` gives it to XLA's attention instead)."""
   mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:  # one program over the whole batch (one device, or an initialisation's dummy batch)
+    return fn
   devices = shd.batch_devices(mesh)
-  rows = P(shd.BATCH_AXES) if devices > 1 and batch % devices == 0 else P()
+  if not splits(batch):
+    raise UserError(f"the Pallas attention kernels split the batch over the mesh's {devices} devices, and {batch} "
+                    f"samples do not divide evenly: use a batch that is a multiple of {devices}, or "
+                    "model.attention='auto' (XLA's attention for such a batch)")  # rather than all of it everywhere
+  rows = P(shd.BATCH_AXES) if devices > 1 and batch >= devices else P()
   in_specs = (*([rows] * n_rows), *([P()] * (n_args - n_rows)))
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(rows,) * outputs, check_vma=False)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _attention(qkv, wq, wk, cos, sin, heads, scale, norm, eps, interpret):
-  return _attention_fwd(qkv, wq, wk, cos, sin, heads, scale, norm, eps, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _attention(qkv, wq, wk, cos, sin, heads, scale, norm, eps, interpret, precision):
+  return _attention_fwd(qkv, wq, wk, cos, sin, heads, scale, norm, eps, interpret, precision)[0]
 
 
 def _extra(wq, wk, cos, sin, norm):
@@ -203,8 +225,8 @@ def _extra(wq, wk, cos, sin, norm):
   return (wq[None], wk[None], cos, sin, jnp.asarray(rotation(wq.shape[-1]), jnp.bfloat16))
 
 
-def _attention_fwd(qkv, wq, wk, cos, sin, heads, scale, norm, eps, interpret):
-  kernel = functools.partial(_forward_kernel, heads=heads, scale=scale, norm=norm, eps=eps)
+def _attention_fwd(qkv, wq, wk, cos, sin, heads, scale, norm, eps, interpret, precision):
+  kernel = functools.partial(_forward_kernel, heads=heads, scale=scale, norm=norm, eps=eps, precision=precision)
 
   def forward(qkv, *extra):
     out = jax.ShapeDtypeStruct((*qkv.shape[:-1], qkv.shape[-1] // 3), qkv.dtype)
@@ -215,9 +237,9 @@ def _attention_fwd(qkv, wq, wk, cos, sin, heads, scale, norm, eps, interpret):
   return out, (qkv, wq, wk, cos, sin)
 
 
-def _attention_bwd(heads, scale, norm, eps, interpret, residuals, do):
+def _attention_bwd(heads, scale, norm, eps, interpret, precision, residuals, do):
   qkv, wq, wk, cos, sin = residuals
-  kernel = functools.partial(_backward_kernel, heads=heads, scale=scale, norm=norm, eps=eps)
+  kernel = functools.partial(_backward_kernel, heads=heads, scale=scale, norm=norm, eps=eps, precision=precision)
 
   def backward(qkv, do, *extra):
     outs = [jax.ShapeDtypeStruct(qkv.shape, qkv.dtype)]
@@ -237,16 +259,20 @@ def _attention_bwd(heads, scale, norm, eps, interpret, residuals, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attention(qkv, heads: int, norm_rope=None, eps: float = 1e-6, interpret: bool = False):
+def attention(qkv, heads: int, norm_rope=None, eps: float = 1e-6, interpret: bool = False,
+              precision: str = "default"):
   """Self-attention of the qkv projection (B, N, 3·D) ([q | k | v], each head-major) → (B, N, D) with the kernels
   above; `norm_rope` = (q_weight, k_weight, cos, sin) applies the QK-norm and RoPE first (see
-  `layers.attention`). Needs a mesh in context (`sharding.traced_with_mesh`). `interpret` runs the kernels' jaxpr
-  on any platform (tests)."""
+  `layers.attention`). Under a mesh in context (`sharding.traced_with_mesh`), whose devices must divide the batch
+  (`splits`), each device runs them on its rows; without one they see the whole batch. `precision` ('default',
+  'high', 'highest': the model's `matmul_precision`) sets the kernels' float32 matmuls (`_KERNEL_PRECISION`).
+  `interpret` runs the kernels' jaxpr on any platform (tests)."""
   hd = qkv.shape[-1] // 3 // heads
+  precision = _KERNEL_PRECISION[precision]
   if norm_rope is None:
     w, table = jnp.ones((hd,), _F32), jnp.zeros((qkv.shape[1], hd), _F32)
-    return _attention(qkv, w, w, table, table, heads, 1.0 / math.sqrt(hd), False, eps, interpret)
+    return _attention(qkv, w, w, table, table, heads, 1.0 / math.sqrt(hd), False, eps, interpret, precision)
   wq, wk, cos, sin = norm_rope
   cos, sin = jnp.asarray(cos, _F32), jnp.asarray(sin, _F32)
   return _attention(qkv, wq.astype(_F32), wk.astype(_F32), cos, sin, heads, 1.0 / math.sqrt(hd), True, eps,
-                    interpret)
+                    interpret, precision)

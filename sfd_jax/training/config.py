@@ -17,7 +17,9 @@ def model_config(preset: str = "XL", **overrides) -> ml_collections.ConfigDict:
   """The LightningDiT-SFD fields for an official size (the official values for the rest)."""
   fields = dict(input_size=16, patch_size=1, in_channels=48, **preset_fields(preset), mlp_ratio=4.0, num_classes=1000,
                 dual_timestep=True, use_repa=True, repa_depth=2, repa_projector_dim=2048, repa_z_dim=768,
-                remat_policy="dots_with_no_batch_dims_saveable", scan_unroll=1, dtype="float32")
+                remat_policy="dots_with_no_batch_dims_saveable", scan_unroll=1, dtype="float32",
+                attention="auto",           # auto | xla | pallas (TPU) | cudnn (NVIDIA, compute capability ≥ 8.0)
+                matmul_precision="default")  # default | high | highest: of every matmul and conv of the DiT
   fields.update(overrides)
   return ml_collections.ConfigDict(fields)
 
@@ -38,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.init_from = ""             # a new run's params and EMA from this training workdir's newest checkpoint
   c.model = model_config("XL")
+  # On an accelerator, the first step compares model.attention's kernel with XLA's attention on a slice of the
+  # batch (forward and gradients) and stops if they differ beyond bfloat16 rounding; False skips the check.
+  c.attention_check = True
   c.loss = dict(
       delta_t=0.3,               # semfirst_delta_t: how far semantics run ahead
       semantic_channels=16,      # the last channels of the latent are semantic
@@ -145,7 +150,8 @@ VALUE_RANGES = (
     ("optim.grad_accum_steps", 1, None), ("optim.ema_decay", 0.0, 1.0),
     ("loss.delta_t", 0.0, 1.0), ("loss.semantic_channels", 0, None), ("loss.semantic_weight", 0.0, None),
     ("loss.repa_weight", 0.0, None), ("loss.logit_std", 0.0, None), ("loss.class_dropout", 0.0, 1.0),
-    ("loss.mse_weight", 0.0, None), ("loss.cos_weight", 0.0, None), ("loss.kl_weight", 0.0, None),
+    ("loss.mse_weight", 0.0, None), ("loss.l1_weight", 0.0, None), ("loss.cos_weight", 0.0, None),
+    ("loss.kl_weight", 0.0, None),
     ("data.synthetic_records", 1, None), ("data.num_workers", 0, None), ("data.prefetch", 1, None),
     ("data.heldout_images", 0, None), ("data.resolution", 1, None),
     ("model.input_size", 1, None), ("model.patch_size", 1, None), ("model.in_channels", 1, None),
