@@ -47,6 +47,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sfd_jax import plan, sharding as shd
+from sfd_jax.chips import chip_of
 from sfd_jax.errors import UserError
 
 config_flags.DEFINE_config_file("config", "configs/sfd_xl.py", "Training config.")
@@ -109,7 +110,7 @@ def main(argv):
   if FLAGS.hlo:
     Path(FLAGS.hlo).write_text(text)
   rows, total = ranked(text)
-  result = plan.compile_program(program, plan.chip_of(devices[0].device_kind), len(devices))  # compiles again
+  result = plan.compile_program(program, chip_of(devices[0].device_kind), len(devices))  # compiles again
   layers = cfg.model.depth
   print(f"{FLAGS.topology}, mesh data {mesh.shape['data']} × fsdp {mesh.shape['fsdp']}: "
         f"{result['hbm_traffic_bytes_per_chip'] / 1e9:.2f} GB per chip per step (XLA's cost model, loops counted "

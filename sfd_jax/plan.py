@@ -11,9 +11,13 @@ bytes of every instruction), scaled to XLA's units by the ratio of XLA's cost to
 XLA costs it, and added trip count − 1 more times. Collectives and the bytes they move are read from the optimised
 HLO as well.
 
+Over several slices (multislice) libtpu compiles one slice's program and hands what crosses slices to its
+data-center-network (DCN) runtime: host transfers (`send`/`recv` to `xla_megascale_runtime`) whose type
+(ALL_REDUCE: the data-parallel gradient reduction) and buffer are in the HLO, read here as the DCN traffic.
+
 The step-time bound is the roofline max(FLOPs / peak, HBM bytes / bandwidth, collective bytes received / ICI
-bandwidth) with the chip's numbers from `CHIPS`: no step runs faster on that chip, and a memory-bound step shows as
-a low MFU bound. All of it is a cost-model bound, not a measurement.
+bandwidth, bytes received over DCN / DCN bandwidth) with the chip's numbers from `sfd_jax.chips`: no step runs faster
+on that chip, and a memory-bound step shows as a low MFU bound. All of it is a cost-model bound, not a measurement.
 """
 from __future__ import annotations
 
@@ -35,54 +39,17 @@ import jax.numpy as jnp
 from jax._src import config as jax_config
 
 from sfd_jax import sharding as shd
+from sfd_jax.chips import Chip, chip_of
 from sfd_jax.convert.files import SD_VAE_F16D32
 from sfd_jax.data import extract as extract_lib
 from sfd_jax.diffusion import sampler
 from sfd_jax.errors import UserError
+from sfd_jax.models import layers
 from sfd_jax.models.dinov2 import dinov2
 from sfd_jax.models.dit import REMAT_POLICIES
 from sfd_jax.models.semvae import SemVAE
 from sfd_jax.models.texture_vae import AutoencoderKL
 from sfd_jax.training import config as config_lib, state as state_lib, step as step_lib
-
-GiB = 2 ** 30
-
-
-# ------------------------------------------------------------------------------------------------------------- chips
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """One accelerator chip (one JAX device) as the roofline sees it."""
-  peak_bf16_flops: float        # dense bf16 FLOP/s
-  hbm_bandwidth: float          # bytes/s
-  hbm_bytes: float              # HBM one program may use
-  ici_bandwidth: float | None   # bidirectional inter-chip bytes/s per chip; None where no per-chip figure is published
-  source: str
-
-
-# By `device_kind`; the longest matching prefix wins. TPUs: peak bf16, HBM bandwidth and ICI from the Cloud TPU
-# system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e); HBM is what libtpu 0.0.42's compiler
-# lets one program use (its out-of-memory message) of the chip's 32 / 16 / 96 / 32 GiB. GPUs: NVIDIA datasheets
-# (SXM, dense bf16).
-CHIPS = {
-    "TPU v4": Chip(275e12, 1200e9, 30.75 * GiB, None, "cloud.google.com/tpu/docs/v4"),
-    "TPU v5 lite": Chip(197e12, 819e9, 15.75 * GiB, 400e9, "cloud.google.com/tpu/docs/v5e"),
-    "TPU v5": Chip(459e12, 2765e9, 95.74 * GiB, 1200e9, "cloud.google.com/tpu/docs/v5p"),
-    "TPU v6 lite": Chip(918e12, 1638e9, 31.25 * GiB, 800e9, "cloud.google.com/tpu/docs/v6e"),
-    "NVIDIA A100": Chip(312e12, 2039e9, 80e9, None, "NVIDIA A100 datasheet (80 GB SXM)"),
-    "NVIDIA H100": Chip(989e12, 3350e9, 80e9, None, "NVIDIA H100 datasheet (SXM)"),
-    "NVIDIA H200": Chip(989e12, 4800e9, 141e9, None, "NVIDIA H200 datasheet (SXM)"),
-}
-PEAK_BF16_FLOPS = {kind: chip.peak_bf16_flops for kind, chip in CHIPS.items()}
-
-
-def chip_of(device_kind: str) -> Chip | None:
-  """The `CHIPS` entry of a device kind (e.g. 'TPU v5 lite'), or None where unknown (CPUs)."""
-  for prefix in sorted(CHIPS, key=len, reverse=True):
-    if device_kind.startswith(prefix):
-      return CHIPS[prefix]
-  return None
-
 
 # ---------------------------------------------------------------------------------------------------------- topology
 
@@ -312,11 +279,12 @@ class HloCosts:
   flops_estimate: float                        # this module's own count of the whole program (for checking)
   bytes_estimate: float
   collectives: dict                            # kind -> {'count', 'bytes', 'received_bytes'} per step
+  dcn: dict                                    # transfer type -> {'count', 'bytes', 'received_bytes'} per step
 
 
-def analyse_hlo(text: str) -> HloCosts:
-  """Loop trip counts, the cost of the iterations XLA's cost model leaves out, and the collectives of an optimised
-  HLO module."""
+def analyse_hlo(text: str, slices: int = 1) -> HloCosts:
+  """Loop trip counts, the cost of the iterations XLA's cost model leaves out, and the collectives (over ICI) and
+  data-center-network transfers (between the `slices` slices) of an optimised HLO module."""
   computations, entry = parse_hlo(text)
   by_name = {i.name: i for body in computations.values() for i in body}
   callers: dict[str, list[tuple[str, int, bool]]] = {name: [] for name in computations}  # (caller, trips, fused)
@@ -356,6 +324,7 @@ def analyse_hlo(text: str) -> HloCosts:
   fused_computations = {name for name, edges in callers.items() if edges and all(e[2] for e in edges)}
   flops_extra = bytes_extra = flops_total = bytes_total = 0.0
   collectives: dict[str, dict] = {}
+  transfers: dict[tuple[str, str], dict] = {}  # one DCN collective: a send and a recv of one rendezvous
   seen_channels = set()
   for name, body in computations.items():
     real, once = multiplicity[name], multiplicity_once[name]
@@ -370,6 +339,11 @@ def analyse_hlo(text: str) -> HloCosts:
     bytes_extra += (real - once) * traffic
     for i in body:
       kind = i.opcode.removesuffix("-start")
+      if kind in ("send", "recv") and "xla_megascale_runtime" in i.attrs:
+        transfer = transfers.setdefault((name, _attribute(i.attrs, "_xla_host_transfer_rendezvous")), {
+            "type": _attribute(i.attrs, "_xla_megascale_transfer_type"), "times": real, "bytes": 0.0})
+        transfer["bytes"] = max(transfer["bytes"], _first_array_bytes(i.type))
+        continue
       if kind not in COLLECTIVES:
         continue
       channel = re.search(r"channel_id=(\d+)", i.attrs)
@@ -385,7 +359,33 @@ def analyse_hlo(text: str) -> HloCosts:
       entry_["count"] += real
       entry_["bytes"] += real * size
       entry_["received_bytes"] += real * received
-  return HloCosts(trips, flops_extra, bytes_extra, flops_total, bytes_total, collectives)
+  dcn: dict[str, dict] = {}
+  for transfer in transfers.values():
+    entry_ = dcn.setdefault(transfer["type"], {"count": 0, "bytes": 0.0, "received_bytes": 0.0})
+    entry_["count"] += transfer["times"]
+    entry_["bytes"] += transfer["times"] * transfer["bytes"]
+    entry_["received_bytes"] += transfer["times"] * transfer["bytes"] * _dcn_share(transfer["type"], slices)
+  return HloCosts(trips, flops_extra, bytes_extra, flops_total, bytes_total, collectives, dcn)
+
+
+def _attribute(attrs: str, key: str) -> str:
+  match = re.search(rf'{key}="([^"]*)"', attrs)
+  return match.group(1) if match else "?"
+
+
+def _first_array_bytes(type_text: str) -> float:
+  """Bytes of the first array of an HLO type: the buffer of a (buffer, u32[], token[]) send or recv."""
+  match = _ARRAY.search(type_text)
+  return _array_bytes(match.group(0)) if match else 0.0
+
+
+def _dcn_share(transfer_type: str, slices: int) -> float:
+  """Bytes each chip receives over DCN per byte of its buffer in one transfer between `slices` slices, by the rule
+  used for ICI (a ring over the slices: an all-reduce receives 2 (s - 1) / s of it, a gather, scatter or all-to-all
+  (s - 1) / s, a permutation all of it)."""
+  share = (slices - 1) / slices if slices > 1 else 1.0
+  return {"ALL_REDUCE": 2 * share, "ALL_GATHER": share, "REDUCE_SCATTER": share, "ALL_TO_ALL": share}.get(
+      transfer_type, 1.0)
 
 
 def _group_size(attrs: str) -> int | None:
@@ -550,7 +550,8 @@ def sample_programs(cfg, mesh, batch: int, guidance: str = "cfg", guide_preset: 
   init = lambda m: _replicated(jax.eval_shape(lambda k: m.init(k, *m.dummy_inputs()), jax.random.key(0)), mesh)
   params, guide_model, guide_params = init(model), None, None
   if guidance == "autoguidance":
-    guide_model = config_lib.build_model(config_lib.model_config(guide_preset, dtype=cfg.model.dtype))
+    guide_model = config_lib.build_model(config_lib.model_config(
+        guide_preset, dtype=cfg.model.dtype, attention=cfg.model.attention, matmul_precision=cfg.model.matmul_precision))
     guide_params = init(guide_model)
   delta, c_sem = cfg.loss.delta_t, cfg.loss.semantic_channels
   scale = cfg.sample.cfg_scale if cfg.sample.cfg_scale > 1 else 1.5
@@ -659,7 +660,7 @@ def compile_program(program: Program, chip: Chip, chips: int, headroom: float = 
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  hlo = analyse_hlo(compiled.as_text())
+  hlo = analyse_hlo(compiled.as_text(), _slices(program))
   peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
           + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
   xla_flops, xla_bytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
@@ -671,9 +672,11 @@ def compile_program(program: Program, chip: Chip, chips: int, headroom: float = 
   flops = xla_flops + flops_scale * hlo.flops_loop_extra
   traffic = xla_bytes + bytes_scale * hlo.bytes_loop_extra
   received = sum(c["received_bytes"] for c in hlo.collectives.values())
+  dcn_received = sum(c["received_bytes"] for c in hlo.dcn.values())
   model_flops = program.model_flops / chips if program.model_flops else flops
   times = {"compute": flops / chip.peak_bf16_flops, "hbm": traffic / chip.hbm_bandwidth,
-           "ici": received / (chip.ici_bandwidth / 2) if chip.ici_bandwidth else 0.0}
+           "ici": received / (chip.ici_bandwidth / 2) if chip.ici_bandwidth else 0.0,
+           "dcn": dcn_received / chip.dcn_bandwidth if dcn_received else 0.0}
   bound = max(times.values())
   plan = {
       "fits": peak <= usable, "compiled": True, "compile_s": compile_s,
@@ -686,6 +689,7 @@ def compile_program(program: Program, chip: Chip, chips: int, headroom: float = 
       "loops": {"trip_counts": hlo.loop_trip_counts, "flops_added": flops - xla_flops,
                 "bytes_added": traffic - xla_bytes, "flops_scale": flops_scale, "bytes_scale": bytes_scale},
       "collectives": hlo.collectives, "collective_bytes_received_per_chip": received,
+      "dcn": hlo.dcn, "dcn_bytes_received_per_chip": dcn_received,
       "time_s": times, "bound_by": max(times, key=times.get), "step_time_bound_s": bound,
       "mfu_bound": model_flops / (bound * chip.peak_bf16_flops) if bound else None,
       "images_per_step_per_chip": program.images_per_step / chips,
@@ -697,6 +701,12 @@ def compile_program(program: Program, chip: Chip, chips: int, headroom: float = 
   return plan
 
 
+def _slices(program: Program) -> int:
+  """How many slices the devices of a program's arguments span."""
+  devices = jax.tree.leaves(program.args)[0].sharding.device_set
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def plan_summary(devices: Sequence, name: str) -> dict:
   kind = devices[0].device_kind
   chip = chip_of(kind)
@@ -704,6 +714,9 @@ def plan_summary(devices: Sequence, name: str) -> dict:
     raise UserError(f"no peak FLOP/s, HBM bandwidth or capacity is known for device kind {kind!r}; plan for a TPU "
                     "topology with --topology (e.g. v5e-64)")
   slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1 and chip.dcn_bandwidth is None:
+    raise UserError(f"no per-chip data-center-network bandwidth is published for {kind}, so a step over {slices} "
+                    "slices cannot be bounded; plan one slice (--num_slices=1)")
   return {"topology": name, "chips": len(devices), "slices": slices, "device_kind": kind,
           "chip": dataclasses.asdict(chip), "jax": jax.__version__, "libtpu": _libtpu_version()}
 
@@ -723,6 +736,7 @@ def plan(cfg, devices: Sequence, topology: str, *, programs: Sequence[str] = ("t
   result = plan_summary(devices, topology)
   chip, chips = chip_of(result["device_kind"]), result["chips"]
   mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices=devices)
+  layers.attention_kernel(cfg.model.attention, devices[0])  # a kernel the chips lack is a user error
   sample_batch = sample_batch or -(-cfg.sample.num_images // chips) * chips
   shd.check_batch_size(mesh, cfg.batch_size)
   result.update(mesh={"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"]}, batch_size=cfg.batch_size,
@@ -757,9 +771,11 @@ def state_bytes(cfg, mesh) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------------------- the search
 
 def search_candidates(cfg, chips: int, fsdp: Sequence[int] | None = None, remat: Sequence[str] | None = None,
-                      accum: Sequence[int] | None = None) -> list[tuple[int, str, int]]:
-  """(fsdp, remat policy, grad-accumulation steps) that can split the config's global batch over `chips`."""
-  fsdp = fsdp or [2 ** k for k in range(int(math.log2(chips)) + 1) if chips % 2 ** k == 0]
+                      accum: Sequence[int] | None = None, slices: int = 1) -> list[tuple[int, str, int]]:
+  """(fsdp, remat policy, grad-accumulation steps) that can split the config's global batch over `chips` (in
+  `slices` slices: by default fsdp within a slice)."""
+  per_slice = chips // slices
+  fsdp = fsdp or [2 ** k for k in range(int(math.log2(per_slice)) + 1) if per_slice % 2 ** k == 0]
   remat = remat or list(REMAT_POLICIES)
   per_chip = cfg.batch_size // chips if cfg.batch_size % chips == 0 else 0
   accum = accum or [a for a in range(1, per_chip + 1) if per_chip % a == 0]
@@ -790,7 +806,7 @@ def search(cfg, devices: Sequence, topology: str, *, fsdp=None, remat=None, accu
   usable = chip.hbm_bytes * (1.0 - headroom)
   cache = Path(cache_dir) if cache_dir else None
   tried, fitting = [], []
-  for f, r, a in search_candidates(cfg, chips, fsdp, remat, accum):
+  for f, r, a in search_candidates(cfg, chips, fsdp, remat, accum, summary["slices"]):
     if any(t["fsdp"] == f and t["remat_policy"] == r and t["fits"] and t["grad_accum_steps"] < a for t in tried):
       continue
     c = candidate_config(cfg, chips, f, r, a)
@@ -825,7 +841,8 @@ def _cache_key(cfg, summary: dict, headroom: float) -> str:
   """What a compiled result depends on: the config, the slice, jax and libtpu, and sfd_jax's own source."""
   source = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.rglob("*.py"))))
   text = json.dumps([cfg.to_json_best_effort(sort_keys=True), summary["topology"], summary["chips"],
-                     summary["device_kind"], summary["jax"], summary["libtpu"], headroom, source.hexdigest()])
+                     summary["slices"], summary["device_kind"], summary["jax"], summary["libtpu"], headroom,
+                     source.hexdigest()])
   return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -856,10 +873,14 @@ def format_program(name: str, p: dict) -> str:
       f"aliased {_gb(h['aliases'])}, temporaries {_gb(h['temporaries'])})",
       f"  per chip: {p['flops_per_chip'] / 1e12:.3f} TFLOP (model {p['model_flops_per_chip'] / 1e12:.3f}), "
       f"{p['hbm_traffic_bytes_per_chip'] / 1e9:.2f} GB HBM traffic, "
-      f"{p['collective_bytes_received_per_chip'] / 1e9:.3f} GB received in "
-      + (", ".join(f"{int(c['count'])} {k}" for k, c in sorted(p["collectives"].items())) or "no collectives"),
+      f"{p['collective_bytes_received_per_chip'] / 1e9:.3f} GB received over ICI in "
+      + (", ".join(f"{int(c['count'])} {k}" for k, c in sorted(p["collectives"].items())) or "no collectives")
+      + (f", {p['dcn_bytes_received_per_chip'] / 1e9:.3f} GB over DCN in "
+         + ", ".join(f"{int(c['count'])} {k}" for k, c in sorted(p["dcn"].items())) if p["dcn"] else ""),
       f"  bound {p['step_time_bound_s'] * 1e3:.2f} ms ({p['bound_by']}; compute {p['time_s']['compute'] * 1e3:.2f}, "
-      f"HBM {p['time_s']['hbm'] * 1e3:.2f}, ICI {p['time_s']['ici'] * 1e3:.2f} ms): MFU ≤ {100 * p['mfu_bound']:.1f}%, "
+      f"HBM {p['time_s']['hbm'] * 1e3:.2f}, ICI {p['time_s']['ici'] * 1e3:.2f}"
+      + (f", DCN {p['time_s']['dcn'] * 1e3:.2f}" if p["dcn"] else "")
+      + f" ms): MFU ≤ {100 * p['mfu_bound']:.1f}%, "
       f"≤ {p['images_per_s_per_chip']:.1f} images/s per chip" + (
           f", {p['full_run']} ≥ {_duration(p['full_run_s'])}" if p.get("full_run_s") else "")
       + f" [compile {p['compile_s']:.0f} s]",

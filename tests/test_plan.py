@@ -14,6 +14,7 @@ pytest.importorskip("libtpu", reason="the planner compiles for TPU topologies wi
                                      "'jax[tpu]==0.10.2' (CI installs it with the test extra)")
 
 from sfd_jax import plan  # noqa: E402
+from sfd_jax.chips import chip_of  # noqa: E402
 from sfd_jax import sharding as shd  # noqa: E402
 from sfd_jax.errors import UserError  # noqa: E402
 from sfd_jax.training import config as config_lib, state as state_lib  # noqa: E402
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.slow  # TPU compiles with libtpu (minutes): the full su
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGY, CHIPS = "v5e:2x2", 4
+V5E = chip_of("TPU v5 lite")
 
 
 def planner_config(batch_size=32, accum=1):
@@ -105,7 +107,7 @@ def test_arguments_are_the_state_shard_and_the_batch_shard(planned, devices):
 
 
 def test_bound_is_the_roofline_of_the_chip_table(planned):
-  step, chip = planned["train_step"], plan.CHIPS["TPU v5 lite"]
+  step, chip = planned["train_step"], V5E
   compute = step["flops_per_chip"] / 197e12
   hbm = step["hbm_traffic_bytes_per_chip"] / 819e9
   assert step["step_time_bound_s"] == pytest.approx(max(compute, hbm, step["time_s"]["ici"]))
@@ -119,7 +121,7 @@ def test_bound_is_the_roofline_of_the_chip_table(planned):
 def test_grad_accumulation_keeps_the_flops(planned, devices):
   """XLA's cost model counts a loop body once; the planner adds the other iterations."""
   mesh = shd.make_mesh(2, 2, devices=devices)
-  accum = plan.compile_program(plan.train_program(planner_config(accum=4), mesh), plan.CHIPS["TPU v5 lite"], CHIPS)
+  accum = plan.compile_program(plan.train_program(planner_config(accum=4), mesh), V5E, CHIPS)
   assert sorted(planned["train_step"]["loops"]["trip_counts"]) == [2, 2]  # the blocks' scans, forward and backward
   assert sorted(accum["loops"]["trip_counts"]) == [2, 2, 4]  # and the micro-batches around them
   assert accum["xla_cost_analysis"]["flops"] < 0.6 * planned["train_step"]["flops_per_chip"]
@@ -135,7 +137,7 @@ def test_loop_costs_match_the_unrolled_step(devices):
   for unroll in (1, 8):
     cfg = planner_config()
     cfg.model.update(depth=8, dtype="bfloat16", remat_policy="dots_saveable", scan_unroll=unroll)
-    steps[unroll] = plan.compile_program(plan.train_program(cfg, mesh), plan.CHIPS["TPU v5 lite"], CHIPS)
+    steps[unroll] = plan.compile_program(plan.train_program(cfg, mesh), V5E, CHIPS)
   scanned, unrolled = steps[1], steps[8]
   assert sorted(scanned["loops"]["trip_counts"]) == [8, 8] and not unrolled["loops"]["trip_counts"]
   assert scanned["flops_per_chip"] == pytest.approx(unrolled["xla_cost_analysis"]["flops"], rel=0.02)
@@ -159,9 +161,71 @@ def test_a_program_too_big_does_not_fit(devices):
   """A batch whose activations exceed 15.75 GiB per chip: libtpu refuses to compile it, the plan says so."""
   cfg = planner_config(batch_size=2 ** 16)
   mesh = shd.make_mesh(2, 2, devices=devices)
-  result = plan.compile_program(plan.train_program(cfg, mesh), plan.CHIPS["TPU v5 lite"], CHIPS)
+  result = plan.compile_program(plan.train_program(cfg, mesh), V5E, CHIPS)
   assert not result["fits"] and not result["compiled"]
   assert result["hbm_per_chip_bytes"] > 15.75 * 2 ** 30
+
+
+def test_data_parallel_gradient_crosses_slices_once():
+  """A float32 (1024, 1024) weight replicated over two slices of 4 chips, its gradient summed over the batch: libtpu
+  reduce-scatters it within each slice (ICI) and all-reduces each chip's quarter between the slices over the
+  data-center network, so each chip receives 2 (s - 1) / s × S / 4 = 1 MiB over DCN (s = 2 slices, S = 4 MiB),
+  taking 1 MiB / 3.125 GB/s (v5e: 2 × 100 Gbps NICs per 8-chip host)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  devices = plan.tpu_devices(TOPOLOGY, num_slices=2)
+  mesh = shd.make_mesh(8, 1, devices=devices)
+  weight = jax.ShapeDtypeStruct((1024, 1024), jnp.float32, sharding=shd.replicated(mesh))
+  batch = jax.ShapeDtypeStruct((64, 1024), jnp.float32, sharding=shd.batch_sharding(mesh, 2))
+  grad = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2)), out_shardings=NamedSharding(mesh, P()))
+  result = plan.compile_program(plan.Program("grad", grad, (weight, batch), 64, 0.0), V5E, 8)
+  assert result["dcn"] == {"ALL_REDUCE": {"count": 1, "bytes": 2 ** 20, "received_bytes": 2 ** 20}}
+  assert result["dcn_bytes_received_per_chip"] == 2 ** 20
+  assert result["time_s"]["dcn"] == pytest.approx(2 ** 20 / (200e9 / 8 / 8))
+  assert result["step_time_bound_s"] == max(result["time_s"].values())
+
+
+def test_multislice_train_step_has_a_dcn_bound(planned):
+  """The train step over two slices (data 2 × fsdp 4, fsdp within a slice) sends its gradient reductions between
+  the slices over DCN; on one slice nothing crosses DCN."""
+  cfg = planner_config()
+  cfg.mesh.data, cfg.mesh.fsdp = 2, 4
+  two = plan.plan(cfg, plan.tpu_devices(TOPOLOGY, num_slices=2), "v5e:2x2 x 2", programs=("train_step",))
+  assert (two["slices"], two["mesh"]) == (2, {"data": 2, "fsdp": 4})
+  step = two["train_step"]
+  assert step["dcn"]["ALL_REDUCE"]["count"] > 0
+  assert step["time_s"]["dcn"] == pytest.approx(step["dcn_bytes_received_per_chip"] / (200e9 / 8 / 8))
+  assert step["step_time_bound_s"] == max(step["time_s"].values())
+  # Two slices reduce at most each chip's share of the float32 gradient between them (2 (s-1)/s = 1 × its bytes).
+  assert step["dcn"]["ALL_REDUCE"]["received_bytes"] <= two["state_bytes_per_chip"] / 4 * 1.05  # params ≈ ¼ state
+  assert planned["slices"] == 1 and planned["train_step"]["dcn"] == {} and planned["train_step"]["time_s"]["dcn"] == 0
+
+
+def test_multislice_needs_a_dcn_figure():
+  with pytest.raises(UserError, match="data-center-network bandwidth"):
+    plan.plan_summary(plan.tpu_devices("v4-8", num_slices=2), "v4-8")
+
+
+def test_command_line_plans_two_slices(tmp_path):
+  """The README's `--topology=v5e-16 --num_slices=2`: 32 chips, data across the slices, a DCN bound; fsdp across
+  the slices is one error sentence."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = tmp_path / "plan.json"
+  base = [sys.executable, "-m", "sfd_jax.cli.plan", "--config=configs/smoke.py", "--topology=v5e-16",
+          "--num_slices=2", "--programs=train_step", "--config.batch_size=32"]
+  run = subprocess.run(base + ["--config.mesh.data=2", "--config.mesh.fsdp=-1", f"--json={out}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-2000:]
+  result = json.loads(out.read_text())
+  assert (result["chips"], result["slices"], result["mesh"]) == (32, 2, {"data": 2, "fsdp": 16})
+  assert result["train_step"]["dcn_bytes_received_per_chip"] > 0
+  assert "over DCN in" in run.stdout and ", DCN " in run.stdout
+
+  bad = subprocess.run(base + ["--config.mesh.data=1", "--config.mesh.fsdp=-1"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1].startswith("error: mesh: data 1 × fsdp 32 over 2 slices")
 
 
 def test_command_line_writes_the_json(tmp_path):

@@ -1,8 +1,8 @@
 """Plans a pod run without the pod: compiles the real steps of a config for a TPU slice on any host (needs libtpu).
 
   python -m sfd_jax.cli.plan --config=configs/sfd_xl.py --topology=v5e-64 \\
-      --config.model.dtype=bfloat16 --config.model.remat_policy=dots_saveable --config.mesh.fsdp=8 --json=plan.json
-  python -m sfd_jax.cli.plan --config=configs/sfd_xxl.py --topology=v5e-64 --config.model.dtype=bfloat16 --search
+      --config.mesh.data=-1 --config.mesh.fsdp=8 --json=plan.json
+  python -m sfd_jax.cli.plan --config=configs/sfd_xxl.py --topology=v5e-64 --search
 
 Prints, per program (train step, one Dopri5 and one Euler sampling step, the extraction step), the HBM per chip
 against the chip's, the cost-model FLOPs and HBM bytes per chip, the collectives, the roofline bound on the step
@@ -10,7 +10,10 @@ time with the MFU and images/s per chip it implies, and the time of a full run a
 the train step for every mesh (data × fsdp), remat policy and grad-accumulation split that could fit and ranks
 those that fit. Without --topology it plans for the devices of this machine (on a TPU VM, its slice: run it on
 every host of a pod, as training). `--topology` takes Cloud TPU names (v4-64, v5e-64 / v5litepod-64, v5p-128,
-v6e-64) or JAX topology strings (v5e:8x8). Numbers are XLA cost-model bounds, not measurements.
+v6e-64) or JAX topology strings (v5e:8x8); `--num_slices=N` joins N such slices over the data-center network
+(multislice), as training lays them out: 'data' across the slices (mesh.data a multiple of N), 'fsdp' within one,
+with the bytes each chip receives over DCN as a bound of its own. Numbers are XLA cost-model bounds, not
+measurements.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ from sfd_jax.models.dit import REMAT_POLICIES
 config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/sfd_xl.py.", lock_config=True)
 flags.DEFINE_string("topology", "", "TPU slice to plan for: v4-64, v5e-64 (v5litepod-64), v5p-128, v6e-64, or a JAX "
                     "topology string (v5e:8x8). Empty: the devices of this machine.")
-flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network (multislice).", lower_bound=1)
+flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined over the data-center network (multislice): "
+                     "mesh.data must be a multiple of it.", lower_bound=1)
 flags.DEFINE_string("json", None, "Write the plan as JSON to this file.")
 flags.DEFINE_list("programs", ["train_step", "sample_step", "extract_step"], "Which programs to compile.")
 flags.DEFINE_integer("sample_batch", 0, "Global sampling batch (default: config sample.num_images, rounded up to a "
@@ -42,7 +46,8 @@ flags.DEFINE_enum("extract_dtype", "float32", ["float32", "bfloat16"], "Compute 
 flags.DEFINE_float("hbm_headroom", 0.1, "Fraction of each chip's HBM kept free: a program fits when it needs at "
                    "most (1 - headroom) of it.", lower_bound=0.0, upper_bound=0.9)
 flags.DEFINE_bool("search", False, "Rank the train step's meshes, remat policies and grad-accumulation splits.")
-flags.DEFINE_list("search_fsdp", [], "--search: fsdp sizes to try (default: every power of 2 up to the chips).")
+flags.DEFINE_list("search_fsdp", [], "--search: fsdp sizes to try (default: every power of 2 up to the chips of "
+                  "one slice).")
 flags.DEFINE_list("search_remat", [], f"--search: remat policies to try (default: all of {sorted(REMAT_POLICIES)}).")
 flags.DEFINE_list("search_accum", [], "--search: grad-accumulation steps to try (default: every split of the batch).")
 flags.DEFINE_string("cache_dir", str(Path.home() / ".cache" / "sfd_jax" / "plan"), "--search: compiled results "
