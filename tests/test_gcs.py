@@ -2,17 +2,15 @@
 with the object preconditions the real service has: tests/gcs_emulator.py):
 a smoke training is stopped by SIGTERM, resumed and finished in the bucket and matches a local run; sampling
 writes its images and .npz there; an extraction writes its latent dataset there; the objects are listed and read
-back. Each client finds the emulator through
-its own standard variables: STORAGE_EMULATOR_HOST (gcsfs under etils.epath, google-cloud-storage under
-tensorboardX), TENSORSTORE_GCS_HTTP_URL and GOOGLE_AUTH_TOKEN_FOR_TESTING (tensorstore under orbax)."""
+back. Each client finds the emulator through its own standard variables (`gcs_emulator.client_env`)."""
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
+from tests import gcs_emulator
 from tests.golden import REPO, free_port, subprocess_env
 
 SMOKE = str(REPO / "configs" / "smoke.py")
@@ -23,25 +21,9 @@ BUCKET = "sfd-test"
 def emulator():
   pytest.importorskip("gcp_storage_emulator", reason="the GCS emulator is part of the test extra")
   port = free_port()
-  server = subprocess.Popen([sys.executable, "-m", "tests.gcs_emulator", f"--port={port}", f"--bucket={BUCKET}"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  url = f"http://127.0.0.1:{port}"
-  # gcsfs's experimental hierarchical-namespace probe asks for Google credentials on every bucket operation.
-  env = {**subprocess_env(), "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GOOGLE_CLOUD_PROJECT": "sfd-test",
-         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-  deadline = time.time() + 60
-  while time.time() < deadline:  # up when the bucket lists
-    probe = subprocess.run([sys.executable, "-c", f"from etils import epath; list(epath.Path('gs://{BUCKET}').iterdir())"],
-                           env=env, capture_output=True, timeout=60)
-    if probe.returncode == 0:
-      break
-    time.sleep(0.5)
-  else:
-    server.kill()
-    pytest.fail("the GCS emulator did not start")
-  yield env
-  server.kill()
+  env = {**subprocess_env(), **gcs_emulator.client_env(f"http://127.0.0.1:{port}")}
+  with gcs_emulator.running(BUCKET, env, port):
+    yield env
 
 
 def bucket_call(env, code: str):
