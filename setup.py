@@ -34,6 +34,7 @@ RUNTIME = [
     "scikit-learn>=1.5",
     "pillow>=10.4",
     "safetensors>=0.8.0",  # as transformers 5 needs (Colab has it)
+    "pyyaml>=5.4.1",  # the YAML config inside the official SemVAE checkpoint (safe loader); flax's own floor
     "tensorboardX>=2.6.1",
     "tqdm>=4.66",
     "matplotlib>=3.9",  # run plots (sfd_jax.plots, Agg canvas); 3.9: the first built for numpy 2

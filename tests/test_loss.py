@@ -44,7 +44,7 @@ def test_repa_modes():
   mse = np.mean((z - f) ** 2, axis=(1, 2))
   np.testing.assert_allclose(repa_loss(z, f, "cos"), cos, rtol=1e-5)
   np.testing.assert_allclose(repa_loss(z, f, "mse"), mse, rtol=1e-5)
-  np.testing.assert_allclose(repa_loss(z, f, "cos_mse"), cos + mse, rtol=1e-5)
+  np.testing.assert_allclose(repa_loss(z, f, "cos_mse"), (cos + mse) / 2, rtol=1e-5)  # their mean, not their sum
   with pytest.raises(ValueError, match="repa_mode"):
     repa_loss(z, f, "l1")
 

@@ -81,17 +81,31 @@ def test_kl_matches_the_formula():
   assert float(semvae.kl_divergence(jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 2, 2, 4)))[0]) == 0.0
 
 
-def test_loss_is_mse_plus_cosine_plus_weighted_kl(tiny):
+def test_loss_is_the_official_train_py_loss(tiny):
+  """train.py's terms on (B, L, D) tokens: torch's `cosine_similarity` with its default dim=1 (the token axis)."""
   features = _features(2)
   loss, metrics, mean, logvar, recon = jax.device_get(tiny(features, jnp.arange(2)))
   assert mean.shape == logvar.shape == (2, GRID, GRID, 4) and recon.shape == features.shape
-  recon, target = torch.tensor(recon), torch.tensor(features)
+  recon, target = (torch.tensor(x).reshape(2, GRID * GRID, FEATURES) for x in (recon, features))
   mse = torch.nn.functional.mse_loss(recon, target).item()
-  cos = (1 - torch.nn.functional.cosine_similarity(recon, target, dim=-1)).mean().item()
+  l1 = torch.nn.functional.l1_loss(recon, target).item()
+  cos = 1 - torch.nn.functional.cosine_similarity(recon, target).mean().item()
   kl = float(np.mean(0.5 * np.sum(np.square(mean) + np.exp(logvar) - logvar - 1, axis=(1, 2, 3))))
-  np.testing.assert_allclose([metrics["loss_mse"], metrics["loss_cos"], metrics["loss_kl"]], [mse, cos, kl],
-                             rtol=2e-5)
-  np.testing.assert_allclose(loss, mse + cos + 1e-3 * kl, rtol=2e-5)
+  np.testing.assert_allclose([metrics["loss_mse"], metrics["loss_l1"], metrics["loss_cos"], metrics["loss_kl"]],
+                             [mse, l1, cos, kl], rtol=2e-5)
+  np.testing.assert_allclose(loss, mse + cos + 1e-3 * kl, rtol=2e-5)  # l1 weighs 0, as in ch16.yaml
+
+
+def test_held_out_cosine_is_per_token():
+  """The evaluation reports the official evaluation's cosine: each token's vector, over its channels."""
+  features = _features(2)
+  model = _tiny()
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, GRID, GRID, FEATURES)))["params"]
+  sums = jax.device_get(jax.jit(lambda p, f: semvae.evaluation_sums(model, p, f))(params, features))
+  mean, _ = model.apply({"params": params}, features, method="encode")
+  recon = torch.tensor(np.asarray(model.apply({"params": params}, mean, method="decode"))).reshape(-1, FEATURES)
+  cosine = torch.nn.functional.cosine_similarity(recon, torch.tensor(features).reshape(-1, FEATURES)).mean().item()
+  np.testing.assert_allclose(sums["cosine"] / sums["count"], cosine, rtol=2e-5)
 
 
 def test_noise_follows_the_sample_position(tiny):
@@ -136,7 +150,7 @@ def test_short_run_evaluates_and_exports(tmp_path):
   training = semvae.prepare(cfg)
   assert len(training.heldout_images) == 16 and len(training.train_images) == 1797 - 16
   assert not set(training.heldout_images.indices) & set(training.train_images.indices)
-  batch = next(training.make_data(0, 1, 0))
+  batch = next(training.make_data(None, 0))
   assert batch["image"].shape == (8, 256, 256, 3) and batch["image"].dtype == np.uint8
   features = training.preprocess(shd.shard_batch(training.mesh, {"image": batch["image"]}))["features"]
   assert features.shape == (8, 16, 16, 32)  # 224 px / patch 14, DINO width 32

@@ -42,19 +42,28 @@ class Instance:
     return self.cls, (), self.state
 
 
+class Expanded:
+  """`torch.tensor(value).expand(shape)`: a tensor of `shape` whose one element is stored once (strides 0), as
+  torch.save writes it; a stand-in of a large checkpoint's real shapes in a small file."""
+
+  def __init__(self, value: float, shape: tuple[int, ...], dtype=np.float32):
+    self.array, self.shape = np.array([value], dtype), tuple(shape)
+
+
 class _Storage:
   def __init__(self, key: str, array: np.ndarray):
     self.key, self.array = key, array
 
 
 class _Tensor:
-  def __init__(self, storage: _Storage):
-    self.storage = storage
+  def __init__(self, storage: _Storage, shape: tuple[int, ...] | None = None):
+    self.storage, self.shape = storage, shape  # shape: an expanded view of a one-element storage
 
   def __reduce__(self):
     a = self.storage.array
-    strides = tuple(s // a.itemsize for s in a.strides)
-    return Name("torch._utils", "_rebuild_tensor_v2"), (self.storage, 0, a.shape, strides, False, OrderedDict())
+    shape, strides = ((a.shape, tuple(s // a.itemsize for s in a.strides)) if self.shape is None
+                      else (self.shape, (0,) * len(self.shape)))
+    return Name("torch._utils", "_rebuild_tensor_v2"), (self.storage, 0, shape, strides, False, OrderedDict())
 
 
 class _Pickler(pickle._Pickler):  # the Python pickler: its dispatch table takes a writer for `Name`
@@ -73,14 +82,17 @@ class _Pickler(pickle._Pickler):  # the Python pickler: its dispatch table takes
 
 
 def save(obj, path):
-  """Writes `obj` (dicts, lists, tuples, numbers, strings, `Instance`s; numpy arrays become torch tensors) as
-  `torch.save` would."""
+  """Writes `obj` (dicts, lists, tuples, numbers, strings, `Instance`s; numpy arrays and `Expanded`s become torch
+  tensors) as `torch.save` would."""
   storages = []
 
   def tensors(x):
     if isinstance(x, np.ndarray):
       storages.append(_Storage(str(len(storages)), np.array(x, order="C")))  # C order, 0-d kept
       return _Tensor(storages[-1])
+    if isinstance(x, Expanded):
+      storages.append(_Storage(str(len(storages)), x.array))
+      return _Tensor(storages[-1], x.shape)
     if isinstance(x, dict):
       return {k: tensors(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):

@@ -4,14 +4,18 @@
   python -m sfd_jax.cli.convert --kind=dit --checkpoint=0070000.pt --preset=B --out=exports/autoguidance_b
   python -m sfd_jax.cli.convert --kind=texture_vae --checkpoint=ldm-imagenet256-f16d32-50ep.ckpt --out=exports/vae
   python -m sfd_jax.cli.convert --kind=dinov2 --checkpoint=dinov2_vitb14_reg4_pretrain.pth --out=exports/dinov2_b
+  python -m sfd_jax.cli.convert --kind=semvae --checkpoint=semantic_ae_final.pt --out=exports/semvae
   python -m sfd_jax.cli.convert --kind=stats --checkpoint=latents_stats.pt --semantic_stats=latents_sv_stats.pt \\
       --out=stats.json
   python -m sfd_jax.cli.convert --kind=dit --to_torch --checkpoint=exports/sfd_xl --out=sfd_xl.pt
 
 DiT checkpoints of train.py take their `ema` weights (the ones sampled from; `--which=model` for the others); the
 network is the official SFD model of `--preset`, or any official constructor kwargs given as JSON in
-`--model_kwargs`. torch is not needed: torch files are read without running anything they hold, and only the
-tensors needed are read; one line says what was skipped (the optimizer state, a pickled config, ...).
+`--model_kwargs`. The Semantic VAE of its train.py (`semantic_ae_final.pt`) takes its `model_state_dict`,
+every size from the tensors' shapes and the attention heads from the YAML config stored beside them (a file
+without it: the released 6 heads, said in one line); `--to_torch` writes it back in that form. torch is not
+needed: torch files are read without running anything they hold, and only the tensors needed are read; one line
+says what was skipped (the optimizer state, a pickled config, ...).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from absl import flags
 from sfd_jax.cli import common
 from sfd_jax.convert.files import convert_to_flax, convert_to_torch
 
-KINDS = ("dit", "texture_vae", "dinov2", "stats")
+KINDS = ("dit", "texture_vae", "dinov2", "semvae", "stats")
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("kind", None, KINDS, "What the checkpoint holds.")
 flags.DEFINE_string("checkpoint", None, "The official file or Hugging Face directory (with --to_torch: an exported model directory).")

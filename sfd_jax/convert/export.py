@@ -48,7 +48,9 @@ def save_model(path, model, variables, extra: dict | None = None):
 
 
 def load_model(path, sharding=None, **overrides):
-  """(model, variables, meta) of an exported model; `sharding` (a Sharding or a tree of them) places the params."""
+  """(model, variables, meta) of an exported model; `sharding` (a Sharding or a tree of them) places the params.
+  Without it they come back as numpy arrays, which every host of a pod can put on any mesh (the sharding stored
+  with them names a device of the process that exported them)."""
   path = storage.path(path)
   if not (path / "model.json").exists():
     raise UserError(f"{path} is not an exported model (no model.json); "
@@ -61,9 +63,10 @@ def load_model(path, sharding=None, **overrides):
     fields["dtype"] = jnp.dtype(fields["dtype"])
   model = MODEL_CLASSES[meta["class"]](**{**fields, **overrides})
   abstract = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
-  if sharding is not None:
-    shardings = sharding if not isinstance(sharding, jax.sharding.Sharding) else jax.tree.map(lambda _: sharding,
-                                                                                               abstract)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  on_host = sharding is None
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if on_host else sharding
+  shardings = sharding if not isinstance(sharding, jax.sharding.Sharding) else jax.tree.map(lambda _: sharding,
+                                                                                             abstract)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   params = ocp.StandardCheckpointer().restore(path / "params", abstract)
-  return model, {"params": params}, meta
+  return model, {"params": jax.device_get(params) if on_host else params}, meta

@@ -2,8 +2,9 @@
 
 numpy (`.npz`, read without pickles) and safetensors files hold arrays only. torch files (`.pt`, `.pth`, `.ckpt`,
 `.bin`) are read by `torch_files`, which never imports or calls what a file names; of a checkpoint dict (train.py's
-`{"model", "ema", "opt", "config"}`, Lightning's `{"state_dict", "optimizer_states", ...}`) only the chosen entry's
-tensors are read from the file, and what was skipped is logged in one line.
+`{"model", "ema", "opt", "config"}`, Lightning's `{"state_dict", "optimizer_states", ...}`, the SemVAE train.py's
+`{"model_state_dict", "optimizer_state_dict", "config", ...}`) only the chosen entry's tensors, and the strings
+or numbers asked for beside it, are read from the file; what was read and skipped is logged in one line.
 """
 from __future__ import annotations
 
@@ -20,39 +21,49 @@ from sfd_jax.convert.errors import ConversionError
 from sfd_jax.convert.torch_files import PickledObject, TensorRef, TorchFile
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
-# The entries of a checkpoint dict that hold weights, in the order they are taken when none is asked for.
-WEIGHT_ENTRIES = ("ema", "model", "state_dict")
+# The entries of a checkpoint dict that hold weights, in the order they are taken when none is asked for: the
+# DiT train.py's, Lightning's, the SemVAE train.py's.
+WEIGHT_ENTRIES = ("ema", "model", "state_dict", "model_state_dict")
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConversionError", "WEIGHT_ENTRIES", "load_state_dict", "select_state_dict", "to_numpy"]
+__all__ = ["ConversionError", "WEIGHT_ENTRIES", "load_checkpoint", "load_state_dict", "select_state_dict",
+           "to_numpy"]
 
 
 def load_state_dict(path, *, which: str | None = None) -> dict[str, np.ndarray]:
-  """`read_state_dict` of a local file or a gs:// object (downloaded to a temporary file first)."""
+  """The tensors of `load_checkpoint`."""
+  return load_checkpoint(path, which=which)[0]
+
+
+def load_checkpoint(path, *, which: str | None = None, keep=()) -> tuple[dict[str, np.ndarray], dict]:
+  """`read_checkpoint` of a local file or a gs:// object (downloaded to a temporary file first)."""
   if storage.is_remote(path):
     if not storage.path(path).exists():
       raise ConversionError(f"weight file {path} does not exist; pass the path of a file you have")
     with storage.local_copy(path) as local:
       try:
-        return read_state_dict(local, which=which)
+        return read_checkpoint(local, which=which, keep=keep)
       except ConversionError as e:  # name the object, not the temporary copy
         raise ConversionError(str(e).replace(str(local), str(path))) from None
-  return read_state_dict(path, which=which)
+  return read_checkpoint(path, which=which, keep=keep)
 
 
-def read_state_dict(path, *, which: str | None = None) -> dict[str, np.ndarray]:
-  """The tensors of a weight file as numpy arrays (bfloat16 becomes float32, which is lossless).
+def read_checkpoint(path, *, which: str | None = None, keep=()) -> tuple[dict[str, np.ndarray], dict]:
+  """(tensors, plain values) of a weight file: the tensors as numpy arrays (bfloat16 becomes float32, which is
+  lossless), and the values of the `keep` entries that a torch checkpoint dict holds beside its weights (e.g. the
+  YAML config string and the sizes of the official SemVAE's train.py); {} for what a file does not hold.
 
-  A torch checkpoint dict gives the tensors of its entry `which` ('ema', 'model', 'state_dict'), by default the
-  first of `WEIGHT_ENTRIES` it has; a file that is itself a state dict (or a stats file) gives all its tensors.
-  Raises `ConversionError` with one sentence for a missing, unreadable, truncated or code-running file.
+  A torch checkpoint dict gives the tensors of its entry `which` (one of `WEIGHT_ENTRIES`), by default the first
+  of them it has; a file that is itself a state dict (or a stats file) gives all its tensors. Raises
+  `ConversionError` with one sentence for a missing, unreadable, truncated or code-running file.
   """
   path = Path(path)
   _check_weight_file(path)
   suffix = path.suffix.lower()
+  values = {}
   if suffix in TORCH_SUFFIXES:
-    arrays = _read_torch_entry(path, which)
+    arrays, values = _read_torch_entry(path, which, keep)
   elif suffix == ".npz":
     try:
       with np.load(path, allow_pickle=False) as f:
@@ -65,7 +76,7 @@ def read_state_dict(path, *, which: str | None = None) -> dict[str, np.ndarray]:
   else:
     raise ConversionError(f"unknown weight file type {suffix!r} for {path}; use .npz, .safetensors, "
                           f"or a torch file ({', '.join(TORCH_SUFFIXES)})")
-  return {k: v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v for k, v in arrays.items()}
+  return {k: v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v for k, v in arrays.items()}, values
 
 
 def _check_weight_file(path: Path) -> None:
@@ -100,8 +111,9 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
                           "download or copy it again") from None
 
 
-def _read_torch_entry(path: Path, which: str | None) -> dict[str, np.ndarray]:
-  """The chosen entry's tensors; the other entries' storages are never read."""
+def _read_torch_entry(path: Path, which: str | None, keep=()) -> tuple[dict[str, np.ndarray], dict]:
+  """The chosen entry's tensors, and the values of the `keep` entries beside it that are no dict or tensor
+  (strings, numbers, inert `PickledObject`s); the other entries' storages are never read."""
   with TorchFile(path) as f:
     root = f.root
     if isinstance(root, PickledObject):
@@ -111,14 +123,17 @@ def _read_torch_entry(path: Path, which: str | None) -> dict[str, np.ndarray]:
       raise ConversionError(f"{path} holds a {type(root).__name__}, not a dict of tensors")
     key = _choose_entry(path, root, which)
     entry = root if key is None else root[key]
+    others = {k: v for k, v in root.items() if key is not None and k != key}
+    values = {k: v for k, v in others.items() if k in keep and not isinstance(v, (Mapping, TensorRef))}
     skipped = [f"{k} ({v.source if isinstance(v, PickledObject) else 'not needed'})"
-               for k, v in root.items() if key is not None and k != key]
+               for k, v in others.items() if k not in values]
     skipped += [f"{k} ({v.source if isinstance(v, PickledObject) else type(v).__name__})"
                 for k, v in entry.items() if not isinstance(v, TensorRef)]
     arrays = f.read({k: v for k, v in entry.items() if isinstance(v, TensorRef)})
-  log.info("%s: read %d tensors%s%s", path, len(arrays), f" of {key!r}" if key is not None else "",
+  log.info("%s: read %d tensors%s%s%s", path, len(arrays), f" of {key!r}" if key is not None else "",
+           f" and the values {', '.join(map(str, values))}" if values else "",
            f"; skipped {len(skipped)} entries: {', '.join(skipped)}" if skipped else "")
-  return arrays
+  return arrays, values
 
 
 def _choose_entry(path: Path, root: Mapping, which: str | None):
