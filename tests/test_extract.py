@@ -1,6 +1,7 @@
 """Extraction end to end on CPU with tiny random-weight encoders: records and stats read back and checked against
-the encoders applied to the cropped images, unreadable images skipped and listed, resume after a kill, and the
-command line feeding the training pipeline."""
+the encoders applied to the cropped images, unreadable images skipped and listed, resume after a kill, the
+command line feeding the training pipeline, and the 512 px layout (2×2 tiles of 256 px) training and sampling the
+512 px config."""
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ from sfd_jax.models.dinov2 import DINOv2, repa_features
 from sfd_jax.models.semvae import SemVAE
 from sfd_jax.models.texture_vae import AutoencoderKL
 from sfd_jax.training import config as config_lib, tasks
-from tests.golden import free_port, subprocess_env
+from tests.golden import REPO, free_port, subprocess_env
 
 SETTINGS = extract.Settings(shard_size=4, batch_size=2, seed=11)
 BROKEN = 6  # index of the corrupt file in the folder below
@@ -182,6 +183,10 @@ def test_encoders_that_do_not_fit_are_refused(encoders):
     extract.latent_layout(encoders["texture"], encoders["dino"], extract.Encoder(wider, {}, {}), 256)
   layout = extract.latent_layout(encoders["texture"], encoders["dino"], encoders["semvae"], 384)
   assert layout["dino_tokens"] == layout["latent_size"] ** 2  # the DINO tokens follow the latent grid
+  layout = extract.latent_layout(encoders["texture"], encoders["dino"], encoders["semvae"], 512)
+  assert layout["latent_size"] == 32 and layout["dino_tokens"] == 32 ** 2  # 2×2 tiles of 16×16 tokens
+  with pytest.raises(UserError, match="33×33, which does not split into the 2×2 tiles"):
+    extract.latent_layout(encoders["texture"], encoders["dino"], encoders["semvae"], 528)
   other = _tiny_encoders(dino_seed=5)["dino"]
   semvae = extract.Encoder(encoders["semvae"].model, encoders["semvae"].variables,
                            {**encoders["semvae"].info, "trained_on": {"dino_sha256": other.info["sha256"]}})
@@ -223,6 +228,15 @@ def test_two_hosts_of_two_devices_write_the_same_dataset(folder, encoders, datas
   assert failed.returncode == 2 and "not the SemVAE expected as the semvae encoder" in failed.stderr
 
 
+def test_help_states_the_official_defaults():
+  shown = subprocess.run([sys.executable, "-m", "sfd_jax.cli.extract", "--help"], capture_output=True, text=True,
+                         timeout=120, env=subprocess_env())
+  text = " ".join(shown.stdout.split())
+  assert shown.returncode == 0 and "--semantic_latent: <sample|mean>: SemVAE posterior sample (the official" in text
+  assert text.split("--semantic_latent")[1].split("--")[0].rstrip().endswith("(default: 'sample')")
+  assert "2×2 tiles of 256 px" in text
+
+
 def test_images_instead_of_dino_tokens_feed_the_training_pipeline(encoders, tmp_path):
   settings = extract.Settings(shard_size=4, batch_size=2, dino_dtype=None, max_images=6)
   result = extract.extract(images.DigitsImages(), encoders, tmp_path, settings, progress=False)
@@ -251,8 +265,53 @@ def test_images_instead_of_dino_tokens_feed_the_training_pipeline(encoders, tmp_
   cfg.dino.path = str(export.save_model(tmp_path / "dino", encoders["dino"].model, encoders["dino"].variables))
   cfg.batch_size = 6
   task = tasks.sfd_task(cfg)
-  host = next(task.make_data(0, 1, 0))
+  host = next(task.make_data(None, 0))
   device = task.preprocess(shd.shard_batch(shd.make_mesh(), {k: v for k, v in host.items() if k != "index"}))
   assert "image" not in device and task.flops_per_sample > cfg.model.hidden_size
   np.testing.assert_allclose(np.asarray(device["dino"]), np.asarray(
       repa_features(encoders["dino"].model, encoders["dino"].variables, host["image"])), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_512_px_dataset_trains_and_samples_the_512_config(encoders, tmp_path):
+  """--resolution=512 as the official: 32×32 texture latents, DINO tokens and semantic latents from 2×2 tiles of
+  256 px (each tile's tokens equal to the 256 px extraction of that tile); `configs/sfd_xl.py:512`, shrunk to a
+  tiny model, trains on it through `cli.train` and samples 512 px images through `cli.sample`."""
+  digits = images.DigitsImages(size=512)
+  settings = extract.Settings(resolution=512, shard_size=4, batch_size=2, max_images=4, semantic_latent="mean",
+                              latent_dtype="float32", dino_dtype="float16")
+  assert extract.extract(digits, encoders, tmp_path / "data", settings, progress=False)["records"] == 4
+  source = latents.LatentSource(tmp_path / "data")
+  assert source.spec["latent_size"] == 32 and source.spec["dino_tokens"] == 32 * 32
+  assert json.loads((latents.find_dataset(tmp_path / "data") / "plan.json").read_text())["dino_tiles"] == 2
+  record = source[1]
+  tiles = extract.to_tiles(images.adm_center_crop(digits[1]["image"], 512)[None], 2)  # (4, 256, 256, 3)
+  per_tile = extract.encode_images({k: e.variables for k, e in encoders.items()}, tiles, np.zeros(4, np.int32), 0,
+                                   texture=encoders["texture"].model, dino=encoders["dino"].model,
+                                   semvae=encoders["semvae"].model, texture_mode="mean", semantic_mode="mean",
+                                   dino_dtype=jnp.dtype(jnp.float32))
+  dino = np.asarray(record["dino"], np.float32).reshape(32, 32, -1)
+  for p1 in range(2):
+    for p2 in range(2):
+      where = np.s_[16 * p1:16 * (p1 + 1), 16 * p2:16 * (p2 + 1)]
+      np.testing.assert_allclose(record["semantic"][where], per_tile["semantic"][2 * p1 + p2], atol=1e-5, rtol=1e-5)
+      np.testing.assert_allclose(dino[where], np.asarray(per_tile["dino"][2 * p1 + p2]).reshape(16, 16, -1),
+                                 atol=2e-3, rtol=2e-3)  # float16 storage
+  tiny = ["model.hidden_size=64", "model.depth=2", "model.num_heads=2", "model.repa_depth=1",
+          "model.repa_projector_dim=64", "model.repa_z_dim=32", "model.in_channels=7", "model.num_classes=10",
+          "model.dtype=float32", "model.remat_policy=dots_with_no_batch_dims_saveable", "mesh.data=-1", "mesh.fsdp=1",
+          "loss.semantic_channels=3", f"data.path={tmp_path / 'data'}", "batch_size=4", "total_steps=2",
+          "log_every=1", "ckpt_every=2"]
+  train = subprocess.run([sys.executable, "-m", "sfd_jax.cli.train", f"--config={REPO / 'configs/sfd_xl.py'}:512",
+                          f"--workdir={tmp_path / 'run'}", *[f"--config.{o}" for o in tiny]],
+                         capture_output=True, text=True, timeout=600, env=subprocess_env())
+  assert train.returncode == 0, train.stderr[-3000:]
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["input_size"] == 32
+  vae = export.save_model(tmp_path / "vae", encoders["texture"].model, encoders["texture"].variables)
+  sample = subprocess.run([sys.executable, "-m", "sfd_jax.cli.sample", f"--model={tmp_path / 'run'}", f"--vae={vae}",
+                           f"--stats={tmp_path / 'data'}", f"--out={tmp_path / 'samples'}", "--num_images=2",
+                           "--batch_size=2", "--method=euler", "--num_steps=3", "--labels=random"],
+                          capture_output=True, text=True, timeout=600, env=subprocess_env())
+  assert sample.returncode == 0, sample.stderr[-3000:]
+  pictures = np.load(tmp_path / "samples" / "samples.npz")["arr_0"]
+  assert pictures.shape == (2, 512, 512, 3) and pictures.dtype == np.uint8

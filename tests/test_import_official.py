@@ -1,42 +1,54 @@
-"""The importer of official SFD latent shards: a small synthetic official dataset (safetensors, NCHW, float32
-latents, float16 and bfloat16 DINO maps, torch stats files) survives the round trip into our format exactly."""
+"""The importer of official SFD latent shards: a small synthetic official dataset, written as the 2025-12-21
+release's `extract_features.py` writes it (safetensors shards `latents_rank{r:02d}_shard{k:03d}`, NCHW float32
+latents, float16 DINO maps, int64 labels; a bfloat16 variant too) with torch-format stats files, survives the round
+trip into our format exactly; a shard that is an HTML error page is one `error:` line. Written without torch (the
+safetensors package's numpy API, `tests/torch_format`), so every tier runs it."""
 import json
 import subprocess
 import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
-torch = pytest.importorskip("torch")  # the torch extra; only the Python 3.13 tier runs without it
-from safetensors.torch import save_file
+from safetensors.numpy import save_file
 
 from sfd_jax.data import latents, official
 from sfd_jax.errors import UserError
+from tests import torch_format
+from tests.golden import subprocess_env
 
 C_TEX, C_SEM, SIDE, DINO_DIM, DINO_SIDE = 4, 3, 2, 5, 3
-COUNTS = (3, 2)
+# (file, images, DINO dtype): two processes' shards as extract_features.py names them, sorted as the official reads
+SHARDS = (("latents_rank00_shard000", 3, np.float16), ("latents_rank00_shard001", 2, ml_dtypes.bfloat16),
+          ("latents_rank01_shard000", 2, np.float16))
+COUNTS = tuple(n for _, n, _ in SHARDS)
 
 
 def _official_shard(n, seed, dino_dtype):
-  g = torch.Generator().manual_seed(seed)
-  rand = lambda *shape: torch.randn(*shape, generator=g)
+  rng = np.random.default_rng(seed)
+  rand = lambda *shape: rng.standard_normal(shape).astype(np.float32)
   return {"latents": rand(n, C_TEX, SIDE, SIDE) * 3 + 1, "latents_flip": rand(n, C_TEX, SIDE, SIDE),
+          "labels": rng.integers(0, 1000, n, dtype=np.int64),
           "latents_sv": rand(n, C_SEM, SIDE, SIDE) - 2, "latents_sv_flip": rand(n, C_SEM, SIDE, SIDE),
-          "feats_dino": rand(n, DINO_DIM, DINO_SIDE, DINO_SIDE).to(dino_dtype),
-          "feats_dino_flip": rand(n, DINO_DIM, DINO_SIDE, DINO_SIDE).to(dino_dtype),
-          "labels": torch.randint(0, 1000, (n,), generator=g)}
+          "feats_dino": rand(n, DINO_DIM, DINO_SIDE, DINO_SIDE).astype(dino_dtype),
+          "feats_dino_flip": rand(n, DINO_DIM, DINO_SIDE, DINO_SIDE).astype(dino_dtype)}
+
+
+def _float32(shard):
+  return {k: v.astype(np.float32) if k != "labels" else v for k, v in shard.items()}
 
 
 @pytest.fixture(scope="module")
 def official_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("official")
-  shards = [_official_shard(COUNTS[0], 0, torch.float16), _official_shard(COUNTS[1], 1, torch.bfloat16)]
-  for i, shard in enumerate(shards):
-    save_file(shard, str(root / f"latents_rank00_shard{i:03d}.safetensors"))
-  torch.save({"mean": torch.arange(C_TEX, dtype=torch.float32).reshape(1, C_TEX, 1, 1),
-              "std": torch.full((1, C_TEX, 1, 1), 2.5)}, root / "latents_stats.pt")
-  torch.save({"mean": -torch.ones(1, C_SEM, 1, 1), "std": torch.full((1, C_SEM, 1, 1), 0.5)},
-             root / "latents_sv_stats.pt")
-  return root, [{k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in s.items()} for s in shards]
+  shards = [_official_shard(n, seed, dtype) for seed, (_, n, dtype) in enumerate(SHARDS)]
+  for (name, _, _), shard in zip(SHARDS, shards):
+    save_file(shard, str(root / f"{name}.safetensors"))
+  torch_format.save({"mean": np.arange(C_TEX, dtype=np.float32).reshape(1, C_TEX, 1, 1),
+                     "std": np.full((1, C_TEX, 1, 1), 2.5, np.float32)}, root / "latents_stats.pt")
+  torch_format.save({"mean": -np.ones((1, C_SEM, 1, 1), np.float32), "std": np.full((1, C_SEM, 1, 1), 0.5, np.float32)},
+                    root / "latents_sv_stats.pt")
+  return root, [_float32(s) for s in shards]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +107,7 @@ def test_without_stats_files_the_stats_are_computed(official_dir, tmp_path):
 def test_rerun_keeps_the_shards_and_other_settings_are_refused(official_dir, imported):
   root, _ = official_dir
   out, _ = imported
-  shard = next(latents.find_dataset(out).glob("*.array_record-00000-of-00002"))
+  shard = next(latents.find_dataset(out).glob(f"*.array_record-00000-of-{len(SHARDS):05d}"))
   before = shard.stat().st_mtime_ns
   assert official.import_official(root, out, progress=False)["records"] == sum(COUNTS)
   assert shard.stat().st_mtime_ns == before
@@ -115,8 +127,7 @@ def test_bad_shards_name_the_cause(official_dir, tmp_path):
   for name, (arrays, message) in cases.items():
     directory = tmp_path / name
     directory.mkdir()
-    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
-              str(directory / "a.safetensors"))
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(directory / "a.safetensors"))
     with pytest.raises(latents.DatasetError, match=message):
       official.import_official(directory, tmp_path / f"{name}_out", progress=False)
   truncated = tmp_path / "truncated"
@@ -125,7 +136,8 @@ def test_bad_shards_name_the_cause(official_dir, tmp_path):
   (truncated / "a.safetensors").write_bytes(data[:len(data) - 40])
   with pytest.raises(latents.DatasetError, match="truncated or corrupt"):
     official.import_official(truncated, tmp_path / "truncated_out", progress=False)
-  torch.save({"mean": torch.zeros(1, 7, 1, 1), "std": torch.ones(1, 7, 1, 1)}, tmp_path / "wrong_stats.pt")
+  torch_format.save({"mean": np.zeros((1, 7, 1, 1), np.float32), "std": np.ones((1, 7, 1, 1), np.float32)},
+                    tmp_path / "wrong_stats.pt")
   with pytest.raises(latents.DatasetError, match="7 channels but the latents have 4"):
     official.import_official(root, tmp_path / "wrong_out", texture_stats=tmp_path / "wrong_stats.pt", progress=False)
 
@@ -133,10 +145,33 @@ def test_bad_shards_name_the_cause(official_dir, tmp_path):
 def test_cli(official_dir, tmp_path):
   root, _ = official_dir
   run = lambda *args: subprocess.run([sys.executable, "-m", "sfd_jax.cli.import_official", *args],
-                                     capture_output=True, text=True, timeout=120)
+                                     capture_output=True, text=True, timeout=120, env=subprocess_env())
   done = run(f"--src={root}", f"--out={tmp_path / 'cli'}", "--dino_dtype=bfloat16")
   assert done.returncode == 0, done.stderr[-2000:]
   assert f"{sum(COUNTS)} records" in done.stdout
   assert latents.LatentSource(tmp_path / "cli")[0]["dino"].dtype == "bfloat16"
   failed = run(f"--src={tmp_path / 'nowhere'}", f"--out={tmp_path / 'x'}")
   assert failed.returncode == 2 and "error: no .safetensors shards" in failed.stderr
+
+
+def test_an_html_page_saved_as_a_shard_is_one_error_line(official_dir, tmp_path):
+  """A failed download leaves an error page where a shard should be: its first 8 bytes read as a header length of
+  about 10^18, which must be checked against the file size before anything is read."""
+  root, _ = official_dir
+  src = tmp_path / "src"
+  src.mkdir()
+  for f in root.iterdir():
+    (src / f.name).symlink_to(f)
+  page = src / "latents_rank01_shard001.safetensors"
+  page.write_text("<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body>502</body></html>\n")
+  assert int.from_bytes(page.read_bytes()[:8], "little") > 10 ** 18
+  failed = subprocess.run([sys.executable, "-m", "sfd_jax.cli.import_official", f"--src={src}",
+                           f"--out={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env())
+  assert failed.returncode == 2, failed.stderr[-2000:]
+  errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and str(page) in errors[0] and "not a .safetensors file" in errors[0], failed.stderr
+  assert "Traceback" not in failed.stderr and "MemoryError" not in failed.stderr
+  page.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00[1, 2, 3, 4, 5, 6]")  # a header that is JSON, not a table
+  with pytest.raises(latents.DatasetError, match="not a .safetensors file"):
+    official.read_safetensors(page)

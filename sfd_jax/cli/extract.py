@@ -3,6 +3,9 @@
   python -m sfd_jax.cli.extract --source=folder --path=IMAGENET/train --out=DATASET \\
       --texture_vae=TEXTURE_VAE --dino=DINOV2 --semvae=WORKDIR/semvae
 
+The records are what the official `extract_features.py` of the 2025-12-21 release computes (at 256 or 512 px;
+see `sfd_jax.data.extract`): with the converted official encoders (`cli.convert --kind=semvae` for the released
+Semantic VAE) they are the official latents, up to the posterior samples' random numbers (seeded per image here).
 Encoders are exported model directories (`cli.convert`, `cli.train_semvae`); the texture VAE may also be the
 official LDM checkpoint and DINOv2 a Hugging Face directory or facebookresearch .pth. Run the same command again
 to resume: finished shards are kept, a half-written one is redone. On a multi-host platform every host runs the
@@ -25,12 +28,15 @@ flags.DEFINE_integer("digits_size", 256, "digits: the side the 8×8 digits are u
 flags.DEFINE_string("out", None, "Output directory of the latent dataset: a local path or gs://bucket/path.")
 flags.DEFINE_string("texture_vae", None, "Texture VAE: exported directory or the official LDM checkpoint.")
 flags.DEFINE_string("dino", None, "DINOv2 with registers: exported directory, Hugging Face directory or .pth.")
-flags.DEFINE_string("semvae", None, "SemVAE: the directory `cli.train_semvae` exported.")
-flags.DEFINE_integer("resolution", 256, "Crop size (a multiple of 256 for SFD's latent layout).", lower_bound=1)
+flags.DEFINE_string("semvae", None, "SemVAE: the directory `cli.convert --kind=semvae` or `cli.train_semvae` "
+                    "exported.")
+flags.DEFINE_integer("resolution", 256, "Crop size: 256, or 512 (texture latents 32×32; DINOv2 reads 2×2 tiles of "
+                     "256 px, as the official extraction).", lower_bound=1)
 flags.DEFINE_integer("batch_size", 32, "Images per step on each host (a multiple of its device count).", lower_bound=1)
 flags.DEFINE_integer("shard_size", 1000, "Source images per shard.", lower_bound=1)
 flags.DEFINE_enum("texture_latent", "sample", extract_lib.LATENT_MODES, "Texture posterior sample (official) or mean.")
-flags.DEFINE_enum("semantic_latent", "sample", extract_lib.LATENT_MODES, "Semantic posterior sample or mean.")
+flags.DEFINE_enum("semantic_latent", "sample", extract_lib.LATENT_MODES, "SemVAE posterior sample (the official "
+                  "extraction's, seeded per image: reproducible and resumable) or its mean.")
 flags.DEFINE_enum("latent_dtype", "float16", ["float16", "float32"], "Storage dtype of the latents.")
 flags.DEFINE_enum("dino_dtype", "float16", ["float16", "bfloat16", "none"],
                   "Storage dtype of the DINO tokens; none stores the cropped images instead (~0.2 instead of ~0.8 MB "

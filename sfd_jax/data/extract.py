@@ -1,16 +1,20 @@
 """Images → the latent dataset (`sfd_jax.data.latents`): texture latents, DINOv2 tokens and semantic latents of
 every image and of its mirror image, written shard by shard.
 
-For each image (ADM centre crop at `resolution`) and its horizontal flip:
-- texture latent: the texture VAE's posterior sample of the image in [-1, 1] (the official extraction,
-  `VA_VAE.encode_images`, stores samples), or its mean;
-- DINO tokens: DINOv2 the REPA way (`models.dinov2.repa_features`: ImageNet mean/std, bicubic resize to the
-  texture latent's grid × patch size, i.e. REPA's 224 px at 256 px; final-norm patch tokens, no cls or registers),
-  stored as float16 (default), bfloat16, or not at all, in which case the cropped image is stored so a train
-  step can compute them;
-- semantic latent: the SemVAE posterior sample (paper Eq. 6) of the token grid, or its mean.
+What the official `extract_features.py` (release of 2025-12-21) computes, for each image (ADM centre crop at
+`resolution`) and its horizontal flip:
+- texture latent: the texture VAE's posterior sample of the image x in [-1, 1] (`VA_VAE.encode_images`), or its
+  mean;
+- DINO tokens (`dino_grid`): DINOv2's final-norm patch tokens (no cls or registers) of Normalize(ImageNet mean/std)
+  ((x + 1)/2), resized bicubically without antialiasing to 224 px (torch's `F.interpolate(mode='bicubic')`); a
+  512 px image is cut into 2×2 tiles of 256 px, each read so, and the four 16×16 grids put back as one 32×32 grid.
+  They are the REPA targets, stored as float16 (default, as the official), bfloat16, or not at all, in which case
+  the cropped image is stored so a train step can compute them;
+- semantic latent: the SemVAE posterior sample of that token grid (the official `semvae.encode(tokens)[0]`; at
+  512 px of each tile's grid, put back as the DINO tokens are), or its mean.
 Every random draw comes from fold_in(key(seed), image index), so a record does not depend on its batch, the
-number of devices or the number of hosts.
+number of devices or the number of hosts, and a resumed extraction continues the same dataset. (The official
+draws from torch's generator seeded 42 + rank: the same distributions, not the same numbers.)
 
 Shards are runs of `shard_size` consecutive source images; shard i is written by host i mod process_count, its
 batches split over that host's devices. A rerun skips finished shards and redoes a half-written one; unreadable
@@ -53,7 +57,9 @@ from sfd_jax.models.texture_vae import AutoencoderKL
 
 LATENT_MODES = ("sample", "mean")
 ENCODER_CLASSES = {"texture": AutoencoderKL, "dino": DINOv2, "semvae": SemVAE}
-DINO_RECIPE = "REPA: /255, ImageNet mean/std, bicubic resize to 224·(res/256), final-norm patch tokens"
+DINO_RECIPE = ("official extract_features.py: tiles of 256 px, ImageNet mean/std, bicubic resize (no antialias) "
+               "to tile grid × patch px (224 at 256 px), final-norm patch tokens")
+TILE = 256  # px: the official extraction reads DINOv2 on 256 px tiles (2×2 of them at 512 px)
 
 
 # -------------------------------------------------------------------------------------------------------- encoders
@@ -114,12 +120,38 @@ def load_encoder(kind: str, path, *, dtype: str | None = None) -> Encoder:
   return make_encoder(model, variables, path=str(path.absolute()), **extra)
 
 
+def tiles_per_side(resolution: int) -> int:
+  """How many tiles of `TILE` px a side of the image is cut into for DINOv2: resolution // 256, at least 1."""
+  return max(resolution // TILE, 1)
+
+
+def to_tiles(x, t: int):
+  """(B, H, W, C) → (B·t², H/t, W/t, C), tile (p1, p2) of image b at b·t² + p1·t + p2: the official
+  `b c (p1 h) (p2 w) -> (b p1 p2) c h w`."""
+  b, h, w, c = x.shape
+  if h % t or w % t:
+    raise ValueError(f"a {h}×{w} grid does not split into {t}×{t} tiles")
+  return x.reshape(b, t, h // t, t, w // t, c).transpose(0, 1, 3, 2, 4, 5).reshape(b * t * t, h // t, w // t, c)
+
+
+def from_tiles(x, t: int):
+  """The inverse of `to_tiles`: the official `(b p1 p2) d h w -> b d (p1 h) (p2 w)`."""
+  n, h, w, c = x.shape
+  return x.reshape(n // (t * t), t, t, h, w, c).transpose(0, 1, 3, 2, 4, 5).reshape(n // (t * t), t * h, t * w, c)
+
+
 def dino_grid(model: DINOv2, variables, images, grid: int | None = None):
-  """DINO tokens of uint8 NHWC images, REPA recipe, as the (B, g, g, D) grid a SemVAE reads (row-major);
-  `grid` as `repa_features` (default: REPA's 16·(W/256) for DINOv2/14)."""
-  tokens = repa_features(model, variables, images, grid)
+  """DINO tokens of uint8 NHWC images as the (B, g, g, D) grid a SemVAE reads (row-major), as the official
+  extraction computes them: the image cut into t×t tiles (`to_tiles`, t = `tiles_per_side(W)`), each read the REPA
+  way (`repa_features`, g/t tokens a side; by default REPA's 16 for a 256 px tile and DINOv2/14) and put back in
+  place (`from_tiles`). `images` / 127.5 − 1 being the texture VAE's input x, `repa_features`' /255 is the
+  official (x + 1)/2 up to float32 rounding."""
+  t = tiles_per_side(images.shape[2])
+  if grid is not None and grid % t:
+    raise ValueError(f"a {grid}-token grid does not split into {t}×{t} tiles")
+  tokens = repa_features(model, variables, to_tiles(images, t), None if grid is None else grid // t)
   g = math.isqrt(tokens.shape[1])
-  return tokens.reshape(tokens.shape[0], g, g, tokens.shape[2])
+  return from_tiles(tokens.reshape(tokens.shape[0], g, g, tokens.shape[2]), t)
 
 
 def latent_layout(texture: Encoder, dino: Encoder, semvae: Encoder, resolution: int) -> dict:
@@ -127,9 +159,12 @@ def latent_layout(texture: Encoder, dino: Encoder, semvae: Encoder, resolution: 
   images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.uint8)
   tex = jax.eval_shape(lambda v, x: texture.model.apply(v, x.astype(jnp.float32), method="encode")[0],
                        texture.variables, images)
-  g = tex.shape[1]  # DINOv2 sees grid·patch px, so its tokens line up with the texture latent
-  tokens = jax.eval_shape(lambda v, x: repa_features(dino.model, v, x, g), dino.variables, images)
-  n, d = tokens.shape[1:]
+  g, t = tex.shape[1], tiles_per_side(resolution)  # DINOv2 reads (g/t)·patch px a tile, so that its tokens
+  if resolution % t or g % t:                       # line up with the texture latent
+    raise UserError(f"at {resolution} px the texture latent is {g}×{g}, which does not split into the {t}×{t} tiles "
+                    f"of {TILE} px that DINOv2 reads; extract at a multiple of {TILE} px")
+  tokens = jax.eval_shape(lambda v, x: dino_grid(dino.model, v, x, g), dino.variables, images)
+  n, d = tokens.shape[1] * tokens.shape[2], tokens.shape[3]
   problems = []
   if tex.shape[1] != tex.shape[2]:
     problems.append(f"the texture latent is {tex.shape[1]}×{tex.shape[2]}; square images make square latents")
@@ -172,9 +207,10 @@ def encode_images(variables, images, indices, seed, *, texture, dino, semvae, te
   mean, logvar = texture.apply(variables["texture"], pixels, method="encode")
   tex = jnp.concatenate([_latent(mean[:b], logvar[:b], keys, 0, texture_mode),
                          _latent(mean[b:], logvar[b:], keys, 1, texture_mode)])
-  g = tex.shape[1]
-  tokens = repa_features(dino, variables["dino"], both, g)
-  mean, logvar = semvae.apply(variables["semvae"], tokens.reshape(2 * b, g, g, tokens.shape[2]), method="encode")
+  t = tiles_per_side(images.shape[2])  # the SemVAE, too, reads each tile on its own
+  grid = dino_grid(dino, variables["dino"], both, tex.shape[1])
+  tokens = grid.reshape(2 * b, -1, grid.shape[-1])
+  mean, logvar = (from_tiles(m, t) for m in semvae.apply(variables["semvae"], to_tiles(grid, t), method="encode"))
   sem = jnp.concatenate([_latent(mean[:b], logvar[:b], keys, 2, semantic_mode),
                          _latent(mean[b:], logvar[b:], keys, 3, semantic_mode)])
   out = {"texture": tex[:b], "texture_flip": tex[b:], "semantic": sem[:b], "semantic_flip": sem[b:]}
@@ -192,7 +228,7 @@ class Settings:
   resolution: int = 256
   shard_size: int = 1000             # source images per shard (about 0.85 GB per shard with fp16 DINO tokens)
   texture_latent: str = "sample"     # sample (official) | mean
-  semantic_latent: str = "sample"    # sample (paper Eq. 6) | mean
+  semantic_latent: str = "sample"    # sample (official) | mean
   latent_dtype: str = "float16"      # float16 | float32
   dino_dtype: str | None = "float16"  # float16 | bfloat16 | None (not stored: the cropped image is stored instead)
   seed: int = 0
@@ -246,7 +282,8 @@ class _Extraction:
     replicated = NamedSharding(self.mesh, P())
     self.variables = jax.device_put({k: encoders[k].variables for k in ENCODER_CLASSES}, replicated)
     self.static = dict(texture=encoders["texture"].model, dino=encoders["dino"].model,
-                       semvae=encoders["semvae"].model, texture_mode=settings.texture_latent, semantic_mode=settings.semantic_latent,
+                       semvae=encoders["semvae"].model, texture_mode=settings.texture_latent,
+                       semantic_mode=settings.semantic_latent,
                        dino_dtype=settings.dino_dtype and jnp.dtype(latents_lib.DINO_DTYPES[settings.dino_dtype]))
     self.seed = jax.device_put(np.int32(settings.seed), replicated)
 
@@ -300,8 +337,12 @@ def extract(source, encoders: Mapping[str, Encoder], out, settings: Settings = S
   meta = {"source": source.describe(), "num_images": num_images, **content, "crop": "ADM centre crop",
           "flip": "horizontal", "dino_recipe": DINO_RECIPE, "encoders": {k: encoders[k].info for k in ENCODER_CLASSES}}
   writer = latents_lib.LatentWriter(out, num_shards, spec, meta)
+  # The tiles are in the plan where there are several, so that a 512 px dataset of an sfd_jax that read DINOv2 on
+  # the whole image is not continued with tiles.
+  tiles = tiles_per_side(settings.resolution)
   writer.check_plan({"source": meta["source"], "num_images": num_images, **content, "record": spec,
-                     "encoders": {k: encoders[k].info["sha256"] for k in ENCODER_CLASSES}},
+                     "encoders": {k: encoders[k].info["sha256"] for k in ENCODER_CLASSES},
+                     **({"dino_tiles": tiles} if tiles > 1 else {})},
                     write=jax.process_index() == 0)
 
   mine = [s for s in range(num_shards) if s % jax.process_count() == jax.process_index() and not writer.is_done(s)]

@@ -4,8 +4,10 @@ The official training data is a directory of `*.safetensors` shards, read in sor
 per image the NCHW arrays `latents` / `latents_flip` (texture, (n, 32, 16, 16)), `latents_sv` / `latents_sv_flip`
 (semantic, (n, 16, 16, 16)), optionally `feats_dino` / `feats_dino_flip` (DINOv2 tokens as (n, 768, 16, 16) maps)
 and `labels` (n,), with `latents_stats.pt` / `latents_sv_stats.pt` ({'mean', 'std'}, each (1, C, 1, 1)) next to
-them. Each official shard becomes one of ours: latents NHWC, DINO maps flattened row-major to (256, 768) tokens
-(token h·16 + w, as the official loss reads them), `index` the running position over all shards. The official
+them. The 2025-12-21 release's `extract_features.py` writes them as `latents_rank{r:02d}_shard{k:03d}.safetensors`
+of 1,000 images, DINO maps in float16 (maps of 32×32 at 512 px). Each official shard becomes one of ours: latents
+NHWC, DINO maps flattened row-major to (h·w, D) tokens (token h·16 + w at 256 px, as the official loss reads them),
+`index` the running position over all shards. The official
 stats files, when present, become the dataset's stats (the released models were trained with them); otherwise the
 stats are computed from the latents.
 
@@ -37,14 +39,24 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_d
 def read_safetensors(path) -> dict[str, np.ndarray]:
   """The arrays of a .safetensors file, memory-mapped (read-only, nothing loaded until sliced)."""
   path = Path(path)
+  not_safetensors = (f"{path} is not a .safetensors file (an HTML error page of a failed download, a truncated or "
+                     "corrupt file?); download it again")
   try:
+    size = path.stat().st_size
     with path.open("rb") as f:
       header_size = int.from_bytes(f.read(8), "little")
+      if size < 8 or header_size > size - 8:  # the length an HTML page's first 8 bytes spell is some 10^18
+        raise latents_lib.DatasetError(not_safetensors)
       header = json.loads(f.read(header_size))
   except (OSError, ValueError) as e:
     raise latents_lib.DatasetError(f"cannot read {path}: it is corrupt or not a .safetensors file ({e})") from e
+  if not isinstance(header, dict):
+    raise latents_lib.DatasetError(not_safetensors)
   header.pop("__metadata__", None)
-  size, arrays = path.stat().st_size, {}
+  if not all(isinstance(entry, dict) and {"dtype", "shape", "data_offsets"} <= entry.keys()
+             for entry in header.values()):
+    raise latents_lib.DatasetError(not_safetensors)
+  arrays = {}
   for key, entry in header.items():
     if entry.get("dtype") not in _DTYPES:
       raise latents_lib.DatasetError(f"{path}: array {key!r} has the unsupported dtype {entry.get('dtype')!r}")
