@@ -157,11 +157,10 @@ class Demo:
     self.heldout_images = images_lib.Subset(self.digits, heldout)
 
   def _images_task(self, model, loss_fn, stage_cfg):
-    def make_data(shard_index, shard_count, start_step):
+    def make_data(rows, start_step):
       return images_lib.image_pipeline(self.train_images, global_batch_size=stage_cfg.batch_size,
                                        seed=stage_cfg.seed, resolution=self.cfg.resolution, crop="center",
-                                       shard_index=shard_index, shard_count=shard_count, start_batch=start_step,
-                                       prefetch=2)
+                                       rows=rows, start_batch=start_step, prefetch=2)
     return loop.Task(model=model, loss_fn=loss_fn, make_data=make_data, dataset_size=len(self.train_images))
 
   def _train_and_export(self, name, model, loss_fn, stage_cfg, export_model, select=lambda p: p):
@@ -196,11 +195,10 @@ class Demo:
     c = self.cfg.semvae
     scfg = semvae_lib.base_config()
     scfg.unlock()
-    scfg.model.update(c.model)
+    scfg.model.update(c.model, dtype="float32")
     scfg.dino.path = str(dino_dir)
-    scfg.data.update(source="digits", digits_size=self.cfg.resolution, resolution=self.cfg.resolution,
-                     crop="center", heldout_images=self.cfg.heldout_images,
-                     dino_grid=self.cfg.resolution // self.cfg.classifier.model.patch_size, prefetch=2)
+    scfg.data.update(images="digits", digits_size=self.cfg.resolution, resize=self.cfg.resolution,
+                     resolution=self.cfg.resolution, heldout_images=self.cfg.heldout_images, prefetch=2)
     scfg.loss.kl_weight = c.kl_weight
     scfg.optim.update(lr=c.lr, schedule="constant", warmup_steps=0, weight_decay=0.0)
     scfg.update(seed=self.cfg.seed, batch_size=self.cfg.batch_size, total_steps=c.steps, eval_batch_size=33,

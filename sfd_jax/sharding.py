@@ -7,6 +7,7 @@ fake CPU devices, a GPU, and a TPU pod.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 import flax
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from sfd_jax.errors import UserError
@@ -28,7 +29,12 @@ class ShardingError(UserError):
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ('data', 'fsdp') mesh over all devices; one of the two sizes may be -1 (fill with what is left)."""
+  """A ('data', 'fsdp') mesh over all devices; one of the two sizes may be -1 (fill with what is left).
+
+  Devices are laid out as `jax.experimental.mesh_utils` maps logical axes onto the TPU torus. Over several slices
+  (multislice: devices with different `slice_index`), 'data' spans the slices over the data-center network and
+  'fsdp' stays within each slice, where its parameter gathers run over ICI.
+  """
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices)
   if data == -1 and fsdp == -1:
@@ -42,7 +48,32 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
   if data * fsdp != n or data <= 0 or fsdp <= 0:
     raise ShardingError(f"mesh: data {data} × fsdp {fsdp} = {data * fsdp} does not match the {n} devices "
                         f"present; set mesh.data and mesh.fsdp so that their product is {n} (or one of them to -1)")
-  return jax.make_mesh((data, fsdp), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+  return Mesh(_device_grid(data, fsdp, devices), AXES, axis_types=(AxisType.Auto,) * 2)
+
+
+def _device_grid(data: int, fsdp: int, devices: list) -> np.ndarray:
+  """The (data, fsdp) array of devices: one slice's torus, or the slices stacked along 'data'.
+
+  Where the sizes do not factor the torus (data 2 × fsdp 8 on a 4×4 v6e slice), physical axes are split rather than
+  refused (`jax.make_mesh` refuses them except on v5e): the mesh builds, its collectives may run on partial rings.
+  """
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1:
+    build = lambda split: mesh_utils.create_device_mesh((data, fsdp), devices, allow_split_physical_axes=split)
+  elif data % slices:
+    raise ShardingError(f"mesh: data {data} × fsdp {fsdp} over {slices} slices of {len(devices) // slices} devices "
+                        f"would stretch fsdp across slices; set mesh.data to a multiple of {slices} "
+                        f"(e.g. mesh.data={slices} mesh.fsdp=-1) so that fsdp stays within a slice")
+  else:
+    build = lambda split: mesh_utils.create_hybrid_device_mesh((data // slices, fsdp), (slices, 1), devices,
+                                                              allow_split_physical_axes=split)
+  try:
+    return build(False)
+  except NotImplementedError:  # mesh_utils' way of saying the logical axes do not factor the torus
+    logging.warning("mesh data %d × fsdp %d splits physical axes of the torus of %d %s devices%s (sizes that are "
+                    "products of its sides keep each axis on whole rings)", data, fsdp, len(devices) // slices,
+                    devices[0].device_kind, " per slice" if slices > 1 else "")
+    return build(True)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -96,19 +127,22 @@ def gather(x):
 
 
 def check_batch_size(mesh: Mesh, global_batch: int, what: str = "batch_size") -> int:
-  """The per-process batch; a global batch that the mesh cannot split evenly stops with what to change."""
+  """How many rows of a global batch this process feeds (`host_rows`); a global batch that the mesh cannot split
+  evenly stops with what to change."""
   n = mesh.devices.size
   if global_batch % n:
     raise ShardingError(f"{what} {global_batch} is not divisible by the {n} devices of the mesh; "
                         f"use a multiple of {n}")
-  return global_batch // jax.process_count()
+  return len(host_rows(mesh, global_batch))
 
 
 def shard_batch(mesh: Mesh, local_batch):
-  """Per-process numpy arrays (this host's rows) → global jax arrays split over the batch axes."""
+  """Per-process numpy arrays (this process's rows, `host_rows`) → global jax arrays split over the batch axes."""
+  own_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
   def put(x):
     x = np.asarray(x)
-    global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+    global_shape = (x.shape[0] // own_devices * mesh.devices.size, *x.shape[1:])
     return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, global_shape)
   return jax.tree.map(put, local_batch)
 
@@ -120,11 +154,23 @@ def to_host(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def host_rows(mesh: Mesh, global_batch: int) -> slice:
-  """The rows of a global batch that this process feeds (its devices' shards, in order)."""
-  local = check_batch_size(mesh, global_batch)
-  start = jax.process_index() * local
-  return slice(start, start + local)
+def host_rows(mesh: Mesh, global_batch: int, process_index: int | None = None) -> np.ndarray:
+  """The global rows that process `process_index` (default: this one) feeds to `shard_batch`, in the order it
+  places them.
+
+  `jax.make_array_from_process_local_data` lays a process's rows onto the row blocks of its own devices, in
+  increasing order. A TPU mesh orders devices by the physical ring, which interleaves processes, so a process's
+  rows are in general not one contiguous range; they are read off the batch sharding, which needs no backend
+  (libtpu topology descriptions, several slices).
+  """
+  if global_batch % mesh.devices.size:
+    raise ShardingError(f"a batch of {global_batch} rows cannot be split evenly over the {mesh.devices.size} devices "
+                        "of the mesh")
+  process_index = jax.process_index() if process_index is None else process_index
+  placement = batch_sharding(mesh).devices_indices_map((global_batch,))
+  blocks = sorted({index[0].indices(global_batch)[:2] for device, index in placement.items()
+                   if device.process_index == process_index})
+  return np.concatenate([np.arange(start, stop) for start, stop in blocks] or [np.zeros(0, np.int64)])
 
 
 def spec_for(path: str, shape: tuple[int, ...], rules: Sequence[tuple[str, Sequence]], mesh: Mesh,

@@ -1,7 +1,10 @@
 """SemVAE training: the KL term and the loss against independent formulas (numpy, torch), per-sample noise, the
-loss going down under the real train step, the Table 7 config, and a short run of the whole task (images →
-DINOv2 on device → SemVAE, held-out evaluation, export)."""
+loss going down under the real train step, the official recipe (its LR schedule against torch's schedulers and
+the closed form), the official feature preprocessing, and short runs of the whole task from images (DINOv2 on
+device → SemVAE) and from a feature file written as extract_dinov2_feature.py writes it (held-out evaluation,
+export)."""
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +12,12 @@ import numpy as np
 import pytest
 torch = pytest.importorskip("torch")  # the torch extra; only the Python 3.13 tier runs without it
 
+from safetensors.numpy import save_file
+
 from sfd_jax import sharding as shd
 from sfd_jax.convert import export
+from sfd_jax.data import features as features_lib, images as images_lib
+from sfd_jax.models import dinov2
 from sfd_jax.errors import UserError
 from sfd_jax.models.semvae import SemVAE
 from sfd_jax.training import loop, semvae, state as state_lib, step as step_lib
@@ -132,43 +139,210 @@ def test_loss_decreases_under_the_train_step():
   assert metrics["loss_cos"] < 0.3 and metrics["loss_kl"] > 0
 
 
-def test_table7_recipe():
+def _official_lr(step):
+  """The LR train.py applies at iteration `step` (after `step` scheduler steps), in closed form: LinearLR 0.01 → 1
+  over 500 steps; from SequentialLR's milestone 500 ConstantLR, i.e. 5e-5; from milestone 800,500
+  CosineAnnealingLR(T_max 199,500, eta_min 5e-6), restarted at 0 there."""
+  if step < 500:
+    return 5e-5 * (0.01 + 0.99 * step / 500)
+  if step < 800_500:
+    return 5e-5
+  return 5e-6 + (5e-5 - 5e-6) * (1 + math.cos(math.pi * (step - 800_500) / 199_500)) / 2
+
+
+MILESTONES = (0, 1, 250, 499, 500, 501, 800_499, 800_500, 800_501, 900_000, 999_999)
+
+
+def test_official_recipe():
   cfg = semvae.base_config()
   assert (cfg.model.hidden_size, cfg.model.encoder_depth, cfg.model.decoder_depth, cfg.model.num_heads,
-          cfg.model.latent_channels) == (768, 4, 4, 6, 16)
-  assert (cfg.loss.kl_weight, cfg.batch_size, cfg.total_steps, cfg.optim.b1, cfg.optim.b2) == (
-      1e-7, 64, 1_000_000, 0.9, 0.999)
-  assert (cfg.data.resolution, cfg.data.crop) == (256, "random")
-  lr = state_lib.lr_schedule(cfg.optim)
-  np.testing.assert_allclose([lr(0), lr(500), lr(800_499), lr(1_000_000)], [0, 5e-5, 5e-5, 5e-6], rtol=1e-5)
+          cfg.model.latent_channels, cfg.model.dtype) == (768, 4, 4, 6, 16, "bfloat16")
+  assert dict(cfg.loss) == dict(mse_weight=1.0, l1_weight=0.0, cos_weight=1.0, kl_weight=1e-7)
+  o = cfg.optim
+  assert (cfg.batch_size, cfg.total_steps, o.lr, o.b1, o.b2, o.eps, o.weight_decay, o.max_grad_norm,
+          o.ema_decay) == (64, 1_000_000, 5e-5, 0.9, 0.999, 1e-8, 0.01, 0.0, 0.0)
+  assert (cfg.data.source, cfg.data.resize, cfg.data.resolution) == ("images", 256, 224)
+  lr = jax.jit(state_lib.lr_schedule(cfg.optim))
+  np.testing.assert_allclose([lr(k) for k in MILESTONES], [_official_lr(k) for k in MILESTONES], rtol=1e-6)
+  assert [_official_lr(k) for k in (0, 499, 500, 800_500)] == pytest.approx([5e-7, 4.9901e-5, 5e-5, 5e-5])
+  # The step-k value is the LR of the (k+1)-th update: AdamW's decoupled decay of a unit weight under zero
+  # gradients is exactly lr·0.01.
+  tx = state_lib.make_optimizer(cfg.optim)
+  params, grads = {"w": jnp.ones(())}, {"w": jnp.zeros(())}
+  opt_state, applied = tx.init(params), []
+  for _ in range(3):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    applied.append(-float(updates["w"]) / 0.01)
+  np.testing.assert_allclose(applied, [_official_lr(k) for k in range(3)], rtol=1e-5)
   with pytest.raises(AttributeError):
     cfg.loss.kl_wieght = 1.0  # locked: a typo is an error
 
 
-def test_short_run_evaluates_and_exports(tmp_path):
-  cfg = _smoke_config()
-  training = semvae.prepare(cfg)
-  assert len(training.heldout_images) == 16 and len(training.train_images) == 1797 - 16
-  assert not set(training.heldout_images.indices) & set(training.train_images.indices)
-  batch = next(training.make_data(None, 0))
-  assert batch["image"].shape == (8, 256, 256, 3) and batch["image"].dtype == np.uint8
-  features = training.preprocess(shd.shard_batch(training.mesh, {"image": batch["image"]}))["features"]
-  assert features.shape == (8, 16, 16, 32)  # 224 px / patch 14, DINO width 32
-  loop.run(cfg, tmp_path, training.task())
-  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+@pytest.mark.slow  # 1M scheduler steps (~6 s); the fast tier checks the closed form at the milestones
+def test_schedule_is_torchs_sequential_lr_at_every_step():
+  import warnings
+  cfg = semvae.base_config().optim
+  param = torch.nn.Parameter(torch.zeros(1))
+  opt = torch.optim.AdamW([param], lr=cfg.lr)
+  sched = torch.optim.lr_scheduler
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # SequentialLR's step(0) of a scheduler at a milestone is deprecated API
+    schedule = sched.SequentialLR(opt, [sched.LinearLR(opt, 0.01, 1.0, 500), sched.ConstantLR(opt, 1.0, 800_000),
+                                        sched.CosineAnnealingLR(opt, 199_500, 0.1 * cfg.lr)], [500, 800_500])
+    torch_lr = np.empty(1_000_000)
+    for k in range(1_000_000):
+      torch_lr[k] = opt.param_groups[0]["lr"]
+      schedule.step()
+  ours = np.asarray(jax.jit(jax.vmap(state_lib.lr_schedule(cfg)))(jnp.arange(1_000_000)))
+  np.testing.assert_allclose(ours, torch_lr, rtol=5e-6)  # float32 arithmetic
+  np.testing.assert_allclose(torch_lr[list(MILESTONES)], [_official_lr(k) for k in MILESTONES], rtol=1e-12)
+
+
+IMAGE_SIZES = ((300, 257), (257, 300), (500, 375), (256, 256), (225, 301), (1000, 260))
+
+
+def _photo(width, height, seed=0):
+  """A smooth image with detail (gradients, a sine pattern and noise): resampling differences show."""
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[:height, :width]
+  base = np.stack([x / width, y / height, 0.5 + 0.5 * np.sin(x / 7.0 + y / 11.0)], axis=-1) * 255
+  return np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+
+
+def test_resize_center_crop_is_torchvisions_resize_and_center_crop():
+  """Against torch's antialiased bicubic (made to match PIL's up to rounding) with the sizes torchvision's
+  Resize computes (long side int(256·long/short)) and CenterCrop's offsets (round((H − 224)/2))."""
+  for width, height in IMAGE_SIZES:
+    image = _photo(width, height)
+    got = images_lib.resize_center_crop(image, 224, 256)
+    if height <= width:
+      new_h, new_w = 256, int(256 * width / height)
+    else:
+      new_h, new_w = int(256 * height / width), 256
+    x = torch.tensor(image, dtype=torch.float64).permute(2, 0, 1)[None]
+    for size in ((height, new_w), (new_h, new_w)):  # PIL: the horizontal pass, rounded to uint8, then the vertical
+      if size != tuple(x.shape[2:]):
+        x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255)
+    x = x[0].permute(1, 2, 0).numpy()
+    top, left = int(round((new_h - 224) / 2.0)), int(round((new_w - 224) / 2.0))
+    want = x[top:top + 224, left:left + 224]
+    assert got.shape == (224, 224, 3) and got.dtype == np.uint8
+    diff = np.abs(got.astype(np.float64) - want)
+    assert diff.max() <= 1 and diff.mean() < 1e-3, (width, height, diff.max(), diff.mean())  # a pixel off: ~8
+
+
+def test_resize_center_crop_is_torchvisions_exactly():
+  transforms = pytest.importorskip("torchvision.transforms")
+  from PIL import Image
+  official = transforms.Compose([transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+                                 transforms.CenterCrop(224)])
+  for width, height in IMAGE_SIZES:
+    image = _photo(width, height, seed=1)
+    np.testing.assert_array_equal(images_lib.resize_center_crop(image, 224, 256),
+                                  np.asarray(official(Image.fromarray(image))))
+
+
+def _run_and_export(cfg, training, workdir):
+  """Trains the 4 steps of `cfg`, checks the held-out evaluations at 2 and 4 and exports: (model, meta)."""
+  loop.run(cfg, workdir, training.task())
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   evals = [line for line in lines if "eval_mse" in line]
   assert [line["step"] for line in evals] == [2, 4] and all(line["eval_images"] == 16 for line in evals)
   assert all(0 < line["eval_mse"] and -1 <= line["eval_cosine"] <= 1 for line in evals)
-  out = training.export(tmp_path, tmp_path / "semvae")
-  model, variables, meta = export.load_model(out)
-  assert isinstance(model, SemVAE) and model.feature_dim == 32 and model.grid_size == 16
-  assert meta["trained_on"]["dino_sha256"] == training.dino.info["sha256"] and meta["trained_on"]["step"] == 4
+  model, _, meta = export.load_model(training.export(workdir, workdir / "semvae"))
+  assert isinstance(model, SemVAE) and model.feature_dim == FEATURES and model.grid_size == GRID
+  assert model.dtype == jnp.float32 and meta["trained_on"]["step"] == 4
   assert meta["heldout"]["eval_mse"] == pytest.approx(evals[-1]["eval_mse"], rel=1e-5)
+  return model, meta
 
 
-def test_bad_settings_name_the_fix():
+def test_short_run_from_images(tmp_path):
+  """Resize 256 + CenterCrop 224 on the host, DINOv2 on the devices reading the crop as is (no resize), tokens
+  rounded to float16 as the official feature file stores them."""
+  cfg = _smoke_config()
+  training = semvae.prepare(cfg)
+  assert len(training.heldout_set) == 16 and len(training.train_set) == 1797 - 16
+  assert not set(training.heldout_set.indices) & set(training.train_set.indices)
+  batch = next(training.make_data(None, 0))
+  assert batch["image"].shape == (8, 224, 224, 3) and batch["image"].dtype == np.uint8
+  source = training.train_set.source
+  np.testing.assert_array_equal(batch["image"][0], images_lib.resize_center_crop(
+      source[int(batch["index"][0])]["image"], 224, 256))
+  features = np.asarray(training.preprocess(shd.shard_batch(training.mesh, {"image": batch["image"]}))["features"])
+  assert features.shape == (8, GRID, GRID, FEATURES)  # 224 px / patch 14, DINO width 32
+  pixels = (batch["image"] / 255.0 - np.asarray(dinov2.IMAGENET_MEAN)) / np.asarray(dinov2.IMAGENET_STD)
+  tokens = training.dino.model.apply(training.dino.variables, jnp.asarray(pixels, jnp.float32))["patch_tokens"]
+  want = np.asarray(tokens).reshape(features.shape)
+  np.testing.assert_array_equal(features, features.astype(np.float16).astype(np.float32))
+  np.testing.assert_allclose(features, want, rtol=2e-3, atol=1e-4)
+  _, meta = _run_and_export(cfg, training, tmp_path)
+  assert meta["trained_on"]["dino_sha256"] == training.dino.info["sha256"]
+  assert (meta["trained_on"]["resize"], meta["trained_on"]["resolution"]) == (256, 224)
+
+
+def _feature_file(path, n=40, seed=0):
+  """A feature file as extract_dinov2_feature.py writes it: float16 patch and cls tokens, int64 labels."""
+  tokens = _features(n, seed).reshape(n, GRID * GRID, FEATURES).astype(np.float16)
+  save_file({"patch_tokens": tokens, "cls_tokens": tokens[:, 0] * 2, "class_indices": np.arange(n) % 10}, str(path))
+  return tokens
+
+
+def test_short_run_from_a_feature_file(tmp_path):
+  tokens = _feature_file(tmp_path / "train.safetensors")
+  cfg = _smoke_config(source="features", features_path=str(tmp_path / "train.safetensors"))
+  cfg.dino.random_init = False  # no DINOv2 is needed, nor loaded
+  training = semvae.prepare(cfg)
+  assert training.dino is None and (len(training.train_set), len(training.heldout_set)) == (24, 16)
+  batch = next(training.make_data(None, 0))
+  assert batch["features"].shape == (8, GRID, GRID, FEATURES) and batch["features"].dtype == np.float32
+  for row, index in zip(batch["features"], batch["index"]):  # the file's float16 values, exactly, as token grids
+    np.testing.assert_array_equal(row, tokens[index].astype(np.float32).reshape(GRID, GRID, FEATURES))
+  assert batch["label"].tolist() == (batch["index"] % 10).tolist()
+  _, meta = _run_and_export(cfg, training, tmp_path / "run")
+  assert meta["trained_on"]["features_path"] == str(tmp_path / "train.safetensors")
+
+
+def test_feature_file_is_read_lazily_and_checked(tmp_path):
+  tokens = _feature_file(tmp_path / "f.safetensors", n=3)
+  records = features_lib.FeatureFile(tmp_path / "f.safetensors")
+  import pickle
+  assert len(pickle.dumps(records)) < 1000  # a grain worker gets the path, not the arrays
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(records))[2]["features"].reshape(-1, FEATURES),
+                                tokens[2].astype(np.float32))
+  page = tmp_path / "page.safetensors"
+  page.write_text("<!DOCTYPE html><html><body>Not Found</body></html>")  # a failed download
+  with pytest.raises(UserError, match=f"{page} is not a .safetensors file"):
+    features_lib.FeatureFile(page)
+  save_file({"latents": np.zeros((2, 4), np.float32)}, str(tmp_path / "other.safetensors"))
+  with pytest.raises(UserError, match="has no patch_tokens, class_indices"):
+    features_lib.FeatureFile(tmp_path / "other.safetensors")
+
+
+def test_an_export_of_the_earlier_semvae_says_to_convert_again(tmp_path):
+  """An export of the paper-summary SemVAE sfd_jax had before the official module (params `proj_in`,
+  `blocks_0`, ...): one sentence, not orbax's tree mismatch."""
+  old = {"encoder": {"proj_in": {"kernel": np.zeros((FEATURES, 32), np.float32)},
+                     "blocks_0": {"norm1": {"scale": np.ones(32, np.float32)}}},
+         "decoder": {"proj_out": {"kernel": np.zeros((32, FEATURES), np.float32)}}}
+  export.save_model(tmp_path / "old", _tiny(), {"params": old})
+  with pytest.raises(UserError, match="earlier sfd_jax .*cli.convert --kind=semvae.* or retrain"):
+    export.load_model(tmp_path / "old")
+
+
+def test_bad_settings_name_the_fix(tmp_path):
   with pytest.raises(UserError, match="fewer than one evaluation batch"):
     semvae.prepare(_smoke_config(heldout_images=4))
+  with pytest.raises(UserError, match="config.data.features_path is empty"):
+    semvae.prepare(_smoke_config(source="features"))
+  with pytest.raises(UserError, match=f"the feature file {tmp_path / 'none.safetensors'} does not exist"):
+    semvae.prepare(_smoke_config(source="features", features_path=str(tmp_path / "none.safetensors")))
+  with pytest.raises(UserError, match="config.data.source 'folder' is not one of"):
+    semvae.prepare(_smoke_config(source="folder"))
+  with pytest.raises(UserError, match="resize 200 is smaller than the 224 px centre crop"):
+    semvae.prepare(_smoke_config(resize=200))
+  with pytest.raises(UserError, match="resolution 230 is not a multiple of DINOv2's 14 px patches"):
+    semvae.prepare(_smoke_config(resolution=230, resize=256))
   cfg = _smoke_config()
   cfg.dino.random_init = False
   with pytest.raises(UserError, match="config.dino.path is empty"):

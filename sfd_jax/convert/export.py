@@ -6,6 +6,8 @@ training checkpoint's EMA weights can be exported the same way. Restoring can pl
 from __future__ import annotations
 
 import json
+
+import flax
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -47,6 +49,22 @@ def save_model(path, model, variables, extra: dict | None = None):
   return path
 
 
+def _param_names(tree) -> set:
+  return set(flax.traverse_util.flatten_dict(dict(tree), sep="/"))
+
+
+def _check_official_semvae(path, abstract) -> None:
+  """An export of the SemVAE sfd_jax had before the official module (its params named `proj_in`, `blocks_0`, ...)
+  is a user error that says how to make a current one, not orbax's tree mismatch."""
+  metadata = ocp.StandardCheckpointer().metadata(path / "params")
+  stored = _param_names(getattr(metadata, "item_metadata", metadata))
+  if stored != _param_names(abstract):
+    raise UserError(f"{path} holds a SemVAE of an earlier sfd_jax (not the official module: params such as "
+                    f"{sorted(stored)[0]}), which this version cannot load; convert the official "
+                    "semantic_ae_final.pt again (`python -m sfd_jax.cli.convert --kind=semvae`) or retrain it "
+                    "(`python -m sfd_jax.cli.train_semvae`)")
+
+
 def load_model(path, sharding=None, **overrides):
   """(model, variables, meta) of an exported model; `sharding` (a Sharding or a tree of them) places the params.
   Without it they come back as numpy arrays, which every host of a pod can put on any mesh (the sharding stored
@@ -63,6 +81,8 @@ def load_model(path, sharding=None, **overrides):
     fields["dtype"] = jnp.dtype(fields["dtype"])
   model = MODEL_CLASSES[meta["class"]](**{**fields, **overrides})
   abstract = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
+  if isinstance(model, SemVAE):
+    _check_official_semvae(path, abstract)
   on_host = sharding is None
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if on_host else sharding
   shardings = sharding if not isinstance(sharding, jax.sharding.Sharding) else jax.tree.map(lambda _: sharding,

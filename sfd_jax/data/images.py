@@ -35,6 +35,7 @@ from sfd_jax.errors import UserError
 # torchvision's ImageFolder extensions (lower case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SOURCES = ("folder", "tfds", "digits")
+CROPS = ("center", "random", "resize_center")
 
 
 class UnreadableImage(ValueError):
@@ -78,6 +79,22 @@ def adm_random_crop(image, size: int, rng: np.random.Generator, min_crop_frac: f
   top = int(rng.integers(arr.shape[0] - size + 1))
   left = int(rng.integers(arr.shape[1] - size + 1))
   return arr[top:top + size, left:left + size]
+
+
+def resize_center_crop(image, size: int, resize: int) -> np.ndarray:
+  """torchvision's `Resize(resize, bicubic)` of a PIL image (PIL's antialiased bicubic, the long side
+  int(resize·long/short)) then `CenterCrop(size)` (offsets round((H − size)/2)): the ImageNet evaluation transform
+  the official SemVAE features were extracted with. (size, size, 3) uint8."""
+  pil = _as_pil(image)
+  w, h = pil.size
+  if min(w, h) != resize:
+    scaled = int(resize * max(w, h) / min(w, h))
+    w, h = (resize, scaled) if w <= h else (scaled, resize)
+    pil = pil.resize((w, h), resample=Image.BICUBIC)
+  if min(w, h) < size:
+    raise ValueError(f"a {resize} px resize is smaller than the {size} px centre crop")
+  top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+  return np.asarray(pil)[top:top + size, left:left + size]
 
 
 def hflip(image) -> np.ndarray:
@@ -465,37 +482,41 @@ class SkipUnreadable:
 # -------------------------------------------------------------------------------------------------------- pipeline
 
 def view(record: Mapping, rng: np.random.Generator | None, *, resolution: int, crop: str = "center",
-         min_crop_frac: float = 0.8, flip: bool = False) -> dict:
+         min_crop_frac: float = 0.8, flip: bool = False, resize: int = 0) -> dict:
   """A record cropped to `resolution` ('center': ADM centre crop; 'random': ADM random crop, then a flip with
-  probability 1/2 if `flip`) → {'image', 'label', 'index'}."""
+  probability 1/2 if `flip`; 'resize_center': `resize_center_crop` after a `resize` px resize) → {'image',
+  'label', 'index'}."""
   if crop == "center":
     image = adm_center_crop(record["image"], resolution)
+  elif crop == "resize_center":
+    image = resize_center_crop(record["image"], resolution, resize)
   elif crop == "random":
     image = adm_random_crop(record["image"], resolution, rng, min_crop_frac)
     if flip and rng.random() < 0.5:
       image = hflip(image)
   else:
-    raise UserError(f"crop {crop!r} is not one of ('center', 'random')")
+    raise UserError(f"crop {crop!r} is not one of {CROPS}")
   return {"image": image, "label": np.int32(record["label"]), "index": np.int64(record["index"])}
 
 
 def image_pipeline(source, *, global_batch_size: int, seed: int, resolution: int, crop: str = "random",
-                   min_crop_frac: float = 0.8, flip: bool = False, shuffle: bool = True,
-                   num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1,
+                   min_crop_frac: float = 0.8, flip: bool = False, resize: int = 0, shuffle: bool = True,
+                   num_epochs: int | None = None, rows: Sequence[int] | None = None,
                    start_batch: int = 0, num_workers: int = 0, prefetch: int = 8) -> grain.DatasetIterator:
-  """An iterator over this host's rows of each global batch of cropped images, from `start_batch`
+  """An iterator over this host's `rows` (`sharding.host_rows`; default all) of each global batch of cropped
+  images, from `start_batch`
   ({'image': uint8 (b, res, res, 3), 'label', 'index'}); unreadable images are stood in for (`SkipUnreadable`).
 
   Order and crops are fixed per position of one global sequence (as `latents.latent_pipeline`), so the batches
   do not depend on the number of hosts; `num_epochs=None` repeats forever.
   """
-  if crop not in ("center", "random"):
-    raise UserError(f"crop {crop!r} is not one of ('center', 'random')")
+  if crop not in CROPS:
+    raise UserError(f"crop {crop!r} is not one of {CROPS}")
   flat = grain.MapDataset.source(SkipUnreadable(source)).seed(seed)
   if shuffle:
     flat = flat.shuffle()
   flat = flat.repeat(num_epochs)
   flat = flat.random_map(lambda record, rng: view(record, rng, resolution=resolution, crop=crop,
-                                                  min_crop_frac=min_crop_frac, flip=flip))
-  return latents_lib.host_batches(flat, global_batch_size, shard_index=shard_index, shard_count=shard_count,
-                                  start_batch=start_batch, num_workers=num_workers, prefetch=prefetch)
+                                                  min_crop_frac=min_crop_frac, flip=flip, resize=resize))
+  return latents_lib.host_batches(flat, global_batch_size, rows=rows, start_batch=start_batch,
+                                  num_workers=num_workers, prefetch=prefetch)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import grain
@@ -385,26 +385,28 @@ def normalizer(stats: Mapping, use_dino: bool, use_images: bool = False):
   return normalize
 
 
-def host_batches(flat: grain.MapDataset, global_batch_size: int, *, shard_index: int = 0, shard_count: int = 1,
+def host_batches(flat: grain.MapDataset, global_batch_size: int, *, rows: Sequence[int] | None = None,
                  start_batch: int = 0, transform=None, num_workers: int = 0,
                  prefetch: int = 8) -> grain.DatasetIterator:
   """An iterator over this host's rows of global batches `start_batch`, `start_batch + 1`, ... of `flat`, each row
   mapped by `transform` first.
 
   Position k of `flat` is the k-th element of one global sequence (any per-element randomness must already be
-  drawn there, from the position); global batch b is positions [b·G, (b+1)·G) and host i reads only its rows
-  of it, [i·G/n, (i+1)·G/n). The batches a run sees therefore do not depend on how many hosts read them, and a
-  run resumed at step s on any number of hosts starts at batch s: the position needs no checkpoint. A last
-  partial batch is dropped.
+  drawn there, from the position); global batch b is positions [b·G, (b+1)·G) and a host reads only `rows` of
+  it (`sharding.host_rows`: the rows its devices hold, in that order; default all). The batches a run sees
+  therefore do not depend on how many hosts read them or how the mesh orders their devices, and a run resumed at
+  step s on any number of hosts starts at batch s: the position needs no checkpoint. A last partial batch is
+  dropped.
   """
-  if global_batch_size % shard_count:
-    raise DatasetError(f"global batch {global_batch_size} cannot be split evenly over {shard_count} hosts")
+  rows = np.arange(global_batch_size) if rows is None else np.asarray(rows, np.int64)
+  if not rows.size or np.unique(rows).size != rows.size or rows.min() < 0 or rows.max() >= global_batch_size:
+    raise ValueError(f"rows must be distinct indices into a global batch of {global_batch_size}")
   if len(flat) < global_batch_size:
     raise DatasetError(f"{len(flat)} records are fewer than one batch ({global_batch_size}); use a smaller "
                        "batch or more data")
-  local = global_batch_size // shard_count
+  local = len(rows)
   num_batches = len(flat) // global_batch_size
-  position = lambda k: (k // local) * global_batch_size + shard_index * local + k % local
+  position = lambda k: (k // local) * global_batch_size + int(rows[k % local])
   ds = grain.MapDataset.range(start_batch * local, num_batches * local).map(lambda k: flat[position(k)])
   if transform is not None:
     ds = ds.map(transform)
@@ -418,9 +420,10 @@ def host_batches(flat: grain.MapDataset, global_batch_size: int, *, shard_index:
 
 def latent_pipeline(source, stats: Mapping, *, global_batch_size: int, seed: int, shuffle: bool = True,
                     flip: bool = True, use_dino: bool = True, use_images: bool = False,
-                    num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1,
+                    num_epochs: int | None = None, rows: Sequence[int] | None = None,
                     start_batch: int = 0, num_workers: int = 0, prefetch: int = 8) -> grain.DatasetIterator:
-  """An iterator over this host's rows of each global batch (global_batch_size / shard_count), from `start_batch`.
+  """An iterator over this host's `rows` (`sharding.host_rows`; default all) of each global batch, from
+  `start_batch`.
 
   The record order (seeded shuffle, new each epoch, no repeats inside one) and the flip choices are fixed per
   position in one global sequence (see `host_batches`), so the batches a run sees do not depend on how many
@@ -442,6 +445,5 @@ def latent_pipeline(source, stats: Mapping, *, global_batch_size: int, seed: int
     flat = flat.shuffle()
   flat = flat.repeat(num_epochs)
   flat = flat.random_map(lambda record, rng: (record, bool(flip and rng.random() < 0.5)))
-  return host_batches(flat, global_batch_size, shard_index=shard_index, shard_count=shard_count,
-                      start_batch=start_batch, transform=normalizer(stats, use_dino, use_images),
-                      num_workers=num_workers, prefetch=prefetch)
+  return host_batches(flat, global_batch_size, rows=rows, start_batch=start_batch,
+                      transform=normalizer(stats, use_dino, use_images), num_workers=num_workers, prefetch=prefetch)

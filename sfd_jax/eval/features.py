@@ -1,8 +1,9 @@
 """Inception features of an image source, in fixed-size batches split over every device of a mesh.
 
 Each process reads only its own rows of every global batch (`host_rows`), the jitted network runs on all
-devices, and the features come back whole to every process (`to_host`). The last batch is padded, so one
-compiled program serves a whole source; reading the next batch overlaps with the device computing this one.
+devices, and the features come back whole to every process (`to_host`). The last batch is padded with black
+images in the rows past the source's end, which are cut off the features, so one compiled program serves a whole
+source; reading the next batch overlaps with the device computing this one.
 """
 from __future__ import annotations
 
@@ -45,15 +46,16 @@ class FeatureExtractor:
   def __init__(self, model: InceptionV3, variables, mesh=None, per_device_batch: int = 32):
     self.mesh = mesh if mesh is not None else make_mesh()
     self.batch_size = per_device_batch * self.mesh.devices.size
-    self.local_batch = check_batch_size(self.mesh, self.batch_size)
+    check_batch_size(self.mesh, self.batch_size)
+    self.rows = host_rows(self.mesh, self.batch_size)
     self.variables = jax.device_put(variables, replicated(self.mesh))
     self._apply = jax.jit(functools.partial(_features, model), out_shardings=batch_sharding(self.mesh, 2))
 
   def _local_batch(self, source, start: int, shape) -> np.ndarray:
-    rows = host_rows(self.mesh, self.batch_size)
-    images = read_images(source, range(start + rows.start, min(start + rows.stop, len(source))), shape)
-    padded = np.zeros((self.local_batch, *shape), np.uint8)
-    padded[:len(images)] = images
+    rows = start + self.rows
+    real = rows < len(source)
+    padded = np.zeros((len(rows), *shape), np.uint8)
+    padded[real] = read_images(source, rows[real].tolist(), shape)
     return padded
 
   def __call__(self, source, desc: str = "Inception features") -> Activations:

@@ -34,7 +34,7 @@ class Task:
   """What the loop trains: a model, its objective, its data, and an optional periodic hook."""
   model: Any                                  # flax module with `dummy_inputs()`
   loss_fn: Callable                           # (params, batch, rng, positions) -> (loss, metrics)
-  make_data: Callable[..., Iterator]          # (shard_index, shard_count, start_step) -> iterator of host rows
+  make_data: Callable[..., Iterator]          # (rows, start_step) -> iterator of this host's rows (host_rows)
   flops_per_sample: float = 0.0               # model FLOPs of one training sample (for MFU)
   periodic: Callable | None = None            # (state, step, writer) -> None, every cfg.sample_every steps
   dataset_size: int = 0                       # training examples, for epochs = step × batch_size / dataset_size
@@ -42,12 +42,16 @@ class Task:
   # Device-side work on each global batch before the step, e.g. a frozen encoder computing its features
   # (jitted by the task; it must not depend on the step, so runs stay reproducible).
   preprocess: Callable | None = None
+  # Once, on the first batch before the first step: (params, device batch, mesh) -> None, e.g. the comparison of an
+  # attention kernel with XLA's attention (raises to stop the run).
+  check_kernels: Callable | None = None
 
 
 class _StopRequest:
   """SIGTERM (or SIGINT) asks a one-process run to finish its step, save, and exit cleanly. Once a signal came,
   later ones (during the last save, a second notice) are only noted, and after the loop ignored, so none can cut
-  the checkpoint or the exit short.
+  the checkpoint or the exit short. Before and after the loop the command line's handling applies (`cli.common.run`:
+  a SIGTERM ends the process at once with the preemption exit status).
 
   A multi-process run leaves the signals to JAX's preemption service (started by jax.distributed), whose handler
   makes every process stop at the same step (`Checkpointer.reached_preemption`); a Python handler would replace it.
@@ -117,11 +121,12 @@ def run(cfg, workdir, task: Task) -> dict:
   if missed:
     say(f"the evaluation of step {step} was interrupted before it was logged: evaluating again")
     task.evaluate(state, step, writer)
-  data = task.make_data(jax.process_index(), jax.process_count(), step)
+  data = task.make_data(shd.host_rows(mesh, cfg.batch_size), step)
   train_step = step_lib.make_train_step(task.loss_fn, tx, cfg, mesh, shardings)
   config_json = cfg.to_json_best_effort()
   last_saved = step if step else None
   window, window_start, scalars, timing = [], (step, time.perf_counter()), {}, False
+  kernels_checked = task.check_kernels is None
 
   def save(at):
     nonlocal last_saved
@@ -135,6 +140,9 @@ def run(cfg, workdir, task: Task) -> dict:
         batch = _device_batch(mesh, next(data))
         if task.preprocess is not None:
           batch = task.preprocess(batch)
+        if not kernels_checked:
+          task.check_kernels(state.params, batch, mesh)
+          kernels_checked = True
         state, metrics = train_step(state, batch)
         step += 1
         window.append(metrics)

@@ -9,7 +9,7 @@ from sfd_jax import generate, sharding as shd
 from sfd_jax.data import extract as extract_lib, latents as latents_lib
 from sfd_jax.diffusion import sampler
 from sfd_jax.errors import UserError
-from sfd_jax.models.dinov2 import repa_features
+from sfd_jax.models import dit, layers
 from sfd_jax.models.texture_vae import denormalize_texture, to_uint8
 from sfd_jax.training import config as config_lib, evaluation, loop, step as step_lib
 
@@ -57,12 +57,11 @@ def sfd_task(cfg, eval_metrics: evaluation.Metrics | None = None) -> loop.Task:
   stored_tokens = bool(source.spec.get("dino_dtype"))
   use_images = use_repa and not stored_tokens
 
-  def make_data(shard_index, shard_count, start_step):
+  def make_data(rows, start_step):
     return latents_lib.latent_pipeline(
         source, source.stats, global_batch_size=cfg.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
-        flip=cfg.data.flip, use_dino=use_repa and stored_tokens, use_images=use_images, shard_index=shard_index,
-        shard_count=shard_count, start_batch=start_step, num_workers=cfg.data.num_workers,
-        prefetch=cfg.data.prefetch)
+        flip=cfg.data.flip, use_dino=use_repa and stored_tokens, use_images=use_images, rows=rows,
+        start_batch=start_step, num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
 
   preprocess, flops = None, model.forward_flops()
   if use_images:
@@ -70,18 +69,34 @@ def sfd_task(cfg, eval_metrics: evaluation.Metrics | None = None) -> loop.Task:
     flops += dino_flops / 3  # the loop counts 3× the per-sample FLOPs; DINOv2 only runs forward
   return loop.Task(model=model, loss_fn=step_lib.sfd_loss_fn(model, cfg), make_data=make_data,
                    flops_per_sample=flops, periodic=sample_hook(cfg, model, source.stats), preprocess=preprocess,
-                   dataset_size=len(source),
+                   dataset_size=len(source), check_kernels=attention_check(cfg, model),
                    evaluate=evaluation.for_run(cfg, model, source.stats, eval_metrics, len(source)))
+
+
+def attention_check(cfg, model):
+  """The first step's comparison of the DiT's attention kernel with XLA's attention (`dit.check_attention`, forward
+  and gradients) on the batch's first sample per device at t = 0.5; None where the DiT runs XLA's attention (CPU,
+  model.attention='xla') or cfg.attention_check is off. An attention the device lacks is a user error here."""
+  device = jax.devices()[0]
+  if layers.attention_kernel(model.attention, device) == "xla" or not cfg.attention_check:
+    return None
+
+  def check(params, batch, mesh):
+    t = jnp.full(batch["y"].shape, 0.5, jnp.float32)
+    dit.check_attention(model, {"params": params}, batch["x"], t, t, batch["y"], mesh, gradients=True,
+                        where=f"the first training batch on {device.device_kind}")
+  return check
 
 
 def dino_preprocess(cfg, image_size: int):
   """(preprocess, DINOv2 FLOPs per sample): the REPA targets computed on device from the stored images, one
-  token per DiT token."""
+  token per DiT token, as the extraction would have stored them (`extract.dino_grid`)."""
   from sfd_jax.training.semvae import load_dino
   mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
   dino = load_dino(cfg.dino, mesh, cfg.seed)
   grid = cfg.model.input_size // cfg.model.patch_size
-  features = jax.jit(lambda variables, images: repa_features(dino.model, variables, images, grid),
+  features = jax.jit(lambda variables, images: extract_lib.dino_grid(dino.model, variables, images, grid).reshape(
+                         images.shape[0], grid * grid, -1),
                      out_shardings=shd.batch_sharding(mesh, 3))
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8)
   flops = float(features.lower(dino.variables, images).cost_analysis().get("flops", 0.0))
