@@ -30,6 +30,7 @@ from sfd_jax.convert.io import load_state_dict, select_state_dict
 from sfd_jax.data import extract as extract_lib, latents as latents_lib
 from sfd_jax.diffusion import sampler
 from sfd_jax.errors import UserError
+from sfd_jax.models import dit as dit_lib, layers
 from sfd_jax.models.texture_vae import denormalize_texture, to_uint8
 
 DEMO_CLASSES = (106, 22, 279, 975, 388, 15, 36, 979)  # the official demo labels
@@ -49,6 +50,7 @@ class Settings:
   guide_model: str | None = None
   guide_preset: str = "B"
   guide_model_kwargs: dict | None = None
+  guide_step: int | None = None        # a training workdir guide's checkpoint (default: the newest complete one)
   num_images: int = 50_000
   batch_size: int = 64
   seed: int = 0
@@ -68,6 +70,9 @@ class Settings:
   cfg_interval_mode: str | None = None
   latent_multiplier: float = 1.0
   dtype: str = "float32"
+  attention: str | None = None         # the DiTs' attention (layers.ATTENTION); None: each model's own
+  matmul_precision: str | None = None  # of the DiTs and the decoder (layers.MATMUL_PRECISIONS); None: the model's
+  attention_check: bool = True         # the first batch compares the attention kernel with XLA's (accelerators)
   demo: bool = False
   npz: bool = True
 
@@ -85,6 +90,9 @@ def load_diffusion_model(path, preset: str = "XL", model_kwargs: dict | None = N
   `model_kwargs` (official kwargs, e.g. a yaml's or fixture's) are given. New sources go here.
   """
   path = storage.path(path)
+  if step is not None and not (path / "checkpoints").is_dir():
+    raise UserError(f"{path} is not a training workdir (with checkpoints/): only a workdir has a step to choose; "
+                    "leave the step out")
   if (path / "model.json").exists():
     model, variables, meta = export.load_model(path, dtype=dtype)
     return model, variables, meta.get("official_kwargs", {})
@@ -179,9 +187,25 @@ def run_keys(seed: int):
   return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
 
 
+def guided_velocity(model, variables, guide_model, guide_variables, scale: float, scale_tex: float, scale_sem: float,
+                    interval_start: float, interval_mode: str, semantic_channels: int):
+  """The velocity a run samples (the planner costs the same one): AutoGuidance by `guide_model` where there is
+  one (`scale_tex`, `scale_sem` per stream), classifier-free guidance at `scale` where it is above 1, else the
+  model's own."""
+  if guide_model is not None:
+    return sampler.autoguidance_velocity(model, variables, guide_model, guide_variables, scale_tex, scale_sem,
+                                         interval_start, interval_mode, semantic_channels)
+  if scale > 1.0:
+    return sampler.cfg_velocity(model, variables, scale, model.num_classes, interval_start, interval_mode,
+                                semantic_channels)
+  return sampler.model_velocity(model, variables)
+
+
 def make_generator(s: Settings, model, vae, guide_model, delta_t: float, semantic_channels: int, interval_mode: str,
-                   fid_num: int):
-  """jit(params…, indices) → (uint8 images, labels, model calls): noise → ODE → texture → decode."""
+                   fid_num: int, mesh=None):
+  """jit(params…, indices) → (uint8 images, labels, model calls): noise → ODE → texture → decode; traced with
+  `mesh` in context when given (the samples stay split over its devices, the TPU attention kernels run on each
+  device's samples)."""
   noise_key, label_key = run_keys(s.seed)
   labels = parse_labels(s.labels, model.num_classes, s.demo)
   latent_shape = (model.input_size, model.input_size, model.in_channels)
@@ -189,15 +213,8 @@ def make_generator(s: Settings, model, vae, guide_model, delta_t: float, semanti
   def generate(dit_vars, guide_vars, vae_vars, mean, std, indices):
     z = sampler.noise(noise_key, indices, latent_shape)
     y = labels_of(label_key, indices, labels, model.num_classes, fid_num)
-    if guide_model is not None:
-      velocity = sampler.autoguidance_velocity(model, dit_vars, guide_model, guide_vars,
-                                               s.cfg_scale_tex or s.cfg_scale, s.cfg_scale_sem or s.cfg_scale,
-                                               s.cfg_interval_start, interval_mode, semantic_channels)
-    elif s.cfg_scale > 1.0:
-      velocity = sampler.cfg_velocity(model, dit_vars, s.cfg_scale, model.num_classes, s.cfg_interval_start,
-                                      interval_mode, semantic_channels)
-    else:
-      velocity = sampler.model_velocity(model, dit_vars)
+    velocity = guided_velocity(model, dit_vars, guide_model, guide_vars, s.cfg_scale, s.cfg_scale_tex or s.cfg_scale,
+                               s.cfg_scale_sem or s.cfg_scale, s.cfg_interval_start, interval_mode, semantic_channels)
     final, stats = sampler.sample(velocity, z, y, delta_t=delta_t, method=s.method, num_steps=s.num_steps,
                                   shift=s.shift, rtol=s.rtol, atol=s.atol, error_norm=s.error_norm,
                                   semantic_channels=semantic_channels)
@@ -205,7 +222,34 @@ def make_generator(s: Settings, model, vae, guide_model, delta_t: float, semanti
     images = to_uint8(vae.apply(vae_vars, texture, method=vae.decode))
     return images, y, stats["model_calls"]
 
-  return jax.jit(generate)
+  return jax.jit(generate if mesh is None else sharding.traced_with_mesh(mesh, generate))
+
+
+def with_model_options(s: Settings, model):
+  """`model` with the attention and matmul precision of the settings where they are given."""
+  if s.attention is not None and s.attention not in layers.ATTENTION:
+    raise UserError(f"--attention={s.attention!r} is not one of {layers.ATTENTION}")
+  if s.matmul_precision is not None and s.matmul_precision not in layers.MATMUL_PRECISIONS:
+    raise UserError(f"--matmul_precision={s.matmul_precision!r} is not one of {layers.MATMUL_PRECISIONS}")
+  options = {"attention": s.attention, "matmul_precision": s.matmul_precision}
+  return model.clone(**{k: v for k, v in options.items() if v is not None})
+
+
+def check_attention(s: Settings, mesh, models, indices, fid_num: int):
+  """Before the first batch: each DiT's attention kernel against XLA's on the batch's first samples (its noise and
+  labels; `dit.check_attention`), where the model runs a kernel and `s.attention_check` is on. An attention the
+  device lacks is a user error even without the check."""
+  device = jax.devices()[0]
+  noise_key, label_key = run_keys(s.seed)
+  for model, variables in models:
+    if layers.attention_kernel(model.attention, device) == "xla" or not s.attention_check:
+      continue
+    rows = jnp.asarray(np.resize(indices, sharding.batch_devices(mesh)))  # one sample per device
+    x = sampler.noise(noise_key, rows, (model.input_size, model.input_size, model.in_channels))
+    y = labels_of(label_key, rows, parse_labels(s.labels, model.num_classes, s.demo), model.num_classes, fid_num)
+    t = jnp.full(rows.shape, 0.5, jnp.float32)
+    dit_lib.check_attention(model, variables, x, t, t, y, mesh, gradients=False,
+                            where=f"the first sampling batch on {device.device_kind}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -279,11 +323,15 @@ def run(s: Settings):
   out = storage.path(s.out)
   dtype = jnp.dtype(s.dtype)
   model, dit_vars, official = load_diffusion_model(s.model, s.preset, s.model_kwargs, dtype, s.step)
+  model = with_model_options(s, model)
   guide_model, guide_vars = None, None
   if s.guide_model:
-    guide_model, guide_vars, _ = load_diffusion_model(s.guide_model, s.guide_preset, s.guide_model_kwargs, dtype)
+    guide_model, guide_vars, _ = load_diffusion_model(s.guide_model, s.guide_preset, s.guide_model_kwargs, dtype,
+                                                      s.guide_step)
+    guide_model = with_model_options(s, guide_model)
   vae = extract_lib.load_encoder("texture", s.vae, dtype=s.dtype)
-  vae, vae_vars = vae.model, vae.variables
+  # The decoder runs at the DiT's matmul precision: one precision for the whole of a sampling run.
+  vae, vae_vars = vae.model.clone(matmul_precision=model.matmul_precision), vae.variables
   mean, std = load_texture_stats(s.stats)
   delta_t = s.delta_t if s.delta_t is not None else float(
       official.get("semfirst_delta_t", 0.3 if model.dual_timestep else 0.0))
@@ -293,12 +341,14 @@ def run(s: Settings):
 
   mesh = sharding.make_mesh()
   sharding.check_batch_size(mesh, s.batch_size, "--batch_size")
-  generate = make_generator(s, model, vae, guide_model, delta_t, semantic_channels, interval_mode, fid_num)
+  generate = make_generator(s, model, vae, guide_model, delta_t, semantic_channels, interval_mode, fid_num, mesh)
   params = jax.device_put((dit_vars, guide_vars, vae_vars, mean, std), sharding.replicated(mesh))
+  models = [(model, params[0])] + ([(guide_model, params[1])] if guide_model is not None else [])
 
   if s.demo:
     indices = np.arange(s.num_images)
     padded = np.resize(indices, -(-len(indices) // s.batch_size) * s.batch_size)
+    check_attention(s, mesh, models, padded, fid_num)
     images, labels = [], []
     for start in range(0, len(padded), s.batch_size):
       batch = sharding.shard_batch(mesh, padded[start:start + s.batch_size][sharding.host_rows(mesh, s.batch_size)])
@@ -318,6 +368,8 @@ def run(s: Settings):
   multihost_utils.sync_global_devices("sfd_sample: pending listed")
   say(f"sampling {len(pending)} of {s.num_images} images ({s.num_images - len(pending)} already in {out / 'images'}) "
       f"in batches of {s.batch_size} on {jax.device_count()} devices")
+  if len(pending):
+    check_attention(s, mesh, models, pending, fid_num)
   bar = tqdm(total=len(pending), unit="img", disable=jax.process_index() != 0 or not len(pending))
   for start in range(0, len(pending), s.batch_size):
     chunk = pending[start:start + s.batch_size]

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax._src import config as jax_config
 
-from sfd_jax import sharding as shd
+from sfd_jax import generate as generate_lib, sharding as shd
 from sfd_jax.chips import Chip, chip_of
 from sfd_jax.convert.files import SD_VAE_F16D32
 from sfd_jax.data import extract as extract_lib
@@ -545,13 +545,16 @@ def _replicated(tree, mesh):
 def sample_programs(cfg, mesh, batch: int, guidance: str = "cfg", guide_preset: str = "B",
                     num_images: int = 50_000) -> list[Program]:
   """One Dopri5 step and one Euler step of the guided three-phase field on a batch split over every device, with
-  the EMA params replicated (as `sfd_jax.generate` runs them)."""
+  the EMA params replicated: the program `sfd_jax.generate` runs (its velocity, `generate.guided_velocity`, traced
+  with the mesh in context, so that the platform's attention kernel runs on each device's samples; Dopri5 solves
+  each sample on its own, vmapped over the devices)."""
   model = config_lib.build_model(cfg.model).clone(remat_policy="none")
   init = lambda m: _replicated(jax.eval_shape(lambda k: m.init(k, *m.dummy_inputs()), jax.random.key(0)), mesh)
   params, guide_model, guide_params = init(model), None, None
   if guidance == "autoguidance":
     guide_model = config_lib.build_model(config_lib.model_config(
-        guide_preset, dtype=cfg.model.dtype, attention=cfg.model.attention, matmul_precision=cfg.model.matmul_precision))
+        guide_preset, dtype=cfg.model.dtype, attention=cfg.model.attention,
+        matmul_precision=cfg.model.matmul_precision))
     guide_params = init(guide_model)
   delta, c_sem = cfg.loss.delta_t, cfg.loss.semantic_channels
   scale = cfg.sample.cfg_scale if cfg.sample.cfg_scale > 1 else 1.5
@@ -559,13 +562,9 @@ def sample_programs(cfg, mesh, batch: int, guidance: str = "cfg", guide_preset: 
 
   def field(variables, guide_variables, y):
     """dx/dτ in the middle phase (both streams move), where a solve takes most of its steps."""
-    if guidance == "cfg":
-      velocity = sampler.cfg_velocity(model, variables, scale, model.num_classes, interval, "both", c_sem)
-    elif guidance == "autoguidance":
-      velocity = sampler.autoguidance_velocity(model, variables, guide_model, guide_variables, scale, scale,
-                                               interval, "both", c_sem)
-    else:
-      velocity = sampler.model_velocity(model, variables)
+    velocity = generate_lib.guided_velocity(model, variables, guide_model, guide_variables,
+                                            1.0 if guidance == "none" else scale, scale, scale, interval, "both",
+                                            c_sem)
     mask = sampler.channel_mask(True, True, model.in_channels, c_sem)
 
     def f(tau, x, args):
@@ -573,19 +572,20 @@ def sample_programs(cfg, mesh, batch: int, guidance: str = "cfg", guide_preset: 
       return mask * velocity(x, t_tex, t_sem, y)
     return f
 
-  @jax.jit
   def dopri5_step(variables, guide_variables, x, y, tau, f0):
-    """One step of a solve: the field at the step's start comes from the last one (first-same-as-last)."""
-    term = diffrax.ODETerm(field(variables, guide_variables, y))
-    x1, error, _, (_, f1), _ = diffrax.Dopri5().step(term, tau, tau + 0.01, x, None, (jnp.array(False), f0),
-                                                     made_jump=False)
-    return x1, error, f1
+    """One step of each sample's solve: the field at the step's start comes from the last one (first-same-as-last)."""
+    def one(x, y, f0):
+      term = diffrax.ODETerm(field(variables, guide_variables, y[None]))
+      x1, error, _, (_, f1), _ = diffrax.Dopri5().step(term, tau, tau + 0.01, x[None], None,
+                                                       (jnp.array(False), f0[None]), made_jump=False)
+      return x1[0], error[0], f1[0]
+    return jax.vmap(one, spmd_axis_name=shd.BATCH_AXES)(x, y, f0)
 
-  @jax.jit
   def euler_step(variables, guide_variables, x, y, tau, f0):
     del f0
     return x + 0.004 * field(variables, guide_variables, y)(tau, x, None)
 
+  dopri5_step, euler_step = (jax.jit(shd.traced_with_mesh(mesh, step)) for step in (dopri5_step, euler_step))
   latent = jax.ShapeDtypeStruct((batch, model.input_size, model.input_size, model.in_channels), jnp.float32,
                                 sharding=shd.batch_sharding(mesh, 4))
   args = (params, guide_params, latent, jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=shd.batch_sharding(mesh)),
@@ -638,15 +638,20 @@ def _bytes_of(value: str, unit: str) -> float:
   return float(value) * {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[unit]
 
 
+def executable(program: Program):
+  """`program` compiled for the devices its arguments are sharded over, not into XLA's persistent cache: an
+  executable built for a topology description cannot be loaded back without a TPU client (--search keeps its own
+  results instead)."""
+  with jax_config.enable_compilation_cache(False), jax_config.persistent_cache_min_compile_time_secs(1e12):
+    return program.fn.lower(*program.args).compile()
+
+
 def compile_program(program: Program, chip: Chip, chips: int, headroom: float = 0.1) -> dict:
   """Compiles `program` for the devices its arguments are sharded over and returns its plan (see module doc)."""
   usable = chip.hbm_bytes * (1.0 - headroom)
   start = time.perf_counter()
   try:
-    # Not into XLA's persistent cache: an executable built for a topology description cannot be loaded back
-    # without a TPU client (--search keeps its own results instead).
-    with jax_config.enable_compilation_cache(False), jax_config.persistent_cache_min_compile_time_secs(1e12):
-      compiled = program.fn.lower(*program.args).compile()
+    compiled = executable(program)
   except jax.errors.JaxRuntimeError as e:
     message = str(e)
     if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sfd_jax import generate, sharding as shd
@@ -20,6 +19,7 @@ from sfd_jax.diffusion import sampler
 from sfd_jax.errors import UserError
 from sfd_jax.models import dit, layers, tpu_attention
 from sfd_jax.training import config as config_lib, tasks
+from tests.programs import tpu_kernel_calls, tpu_slice
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other test processes may hold libtpu
 MESH = shd.make_mesh(1, 1)
@@ -29,13 +29,8 @@ def _gpu(kind, capability):
   return types.SimpleNamespace(platform="gpu", device_kind=kind, compute_capability=capability)
 
 
-@functools.cache
-def _tpu_slice():
-  return topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
-
-
 def _tpu():
-  return _tpu_slice()[0]
+  return tpu_slice()[0]
 
 
 DEVICES = {"tpu_v5e": _tpu, "cpu": lambda: jax.devices("cpu")[0], "t4": lambda: _gpu("Tesla T4", "7.5"),
@@ -212,7 +207,7 @@ def test_sampling_runs_the_kernels_on_each_devices_samples():
   """A guided Dopri5 solve per sample (vmapped over the devices, two model rows per sample) under a v5e slice's mesh,
   compiled by libtpu: the kernel takes the pair whole and vmap splits the samples over the devices; with
   attention='xla' there is no kernel."""
-  mesh = shd.make_mesh(4, 1, devices=_tpu_slice())
+  mesh = shd.make_mesh(4, 1, devices=tpu_slice())
   for attention, kernels in (("auto", True), ("xla", False)):
     model = dit.lightningdit("S", input_size=16, hidden_size=144, depth=1, num_heads=2, num_classes=10,
                              repa_depth=1, repa_projector_dim=32, repa_z_dim=16, dtype="bfloat16", attention=attention)
@@ -226,4 +221,4 @@ def test_sampling_runs_the_kernels_on_each_devices_samples():
       velocity = sampler.cfg_velocity(model, params, 1.5, model.num_classes, 0.0, "both", 16)
       return sampler.sample(velocity, z, y, delta_t=0.3, method="dopri5")[0]
     compiled = jax.jit(shd.traced_with_mesh(mesh, generate)).trace(params, z, y).lower().compile()
-    assert ("tpu_custom_call" in compiled.as_text()) == kernels
+    assert bool(tpu_kernel_calls(compiled)) == kernels

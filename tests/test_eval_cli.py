@@ -135,6 +135,7 @@ def test_evaluate_report_matches_the_library(setup, reference, tmp_path):
   assert inputs["ref"]["sha256"] == hashlib.sha256(ref_path.read_bytes()).hexdigest()
   assert inputs["inception"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
   assert inputs["inception"]["fid_weights"] is False  # random weights are not the FID Inception
+  assert report["settings"]["inception_matmul_precision"] == "highest"  # float32, as the ADM evaluator
 
 
 class _ProjectionFeatures:

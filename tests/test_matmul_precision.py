@@ -13,13 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import topologies
-from jax.extend import core as jex
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sfd_jax import sharding as shd
 from sfd_jax.models import dit, layers
 from sfd_jax.models.texture_vae import AutoencoderKL
+from tests.programs import matmuls, tpu_kernel_calls, tpu_slice
 
 TINY = dict(input_size=4, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10, repa_depth=1,
             repa_projector_dim=32, repa_z_dim=16)
@@ -37,18 +36,6 @@ def platform_default_precision():
     yield
 
 
-def _matmuls(jaxpr, in_kernel=False):
-  """(primitive, operand dtype, precision, inside a Pallas kernel) of every dot_general and convolution in a jaxpr
-  and the jaxprs inside it (scan and remat bodies, custom-gradient calls, Pallas kernels)."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
-      yield eqn.primitive.name, eqn.invars[0].aval.dtype, eqn.params["precision"], in_kernel
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        if isinstance(sub, (jex.ClosedJaxpr, jex.Jaxpr)):
-          yield from _matmuls(getattr(sub, "jaxpr", sub), in_kernel or eqn.primitive.name == "pallas_call")
-
-
 def _dit_training_jaxpr(precision, attention):
   """The gradient of a loss of the tiny DiT's velocity and REPA output: the matmuls of a train step."""
   model = dit.lightningdit("S", **TINY, matmul_precision=precision, attention=attention)
@@ -64,7 +51,7 @@ def _dit_training_jaxpr(precision, attention):
 @pytest.mark.parametrize("precision", sorted(EXPECTED))
 @pytest.mark.parametrize("attention", ["xla", "pallas"])
 def test_every_dit_matmul_and_its_gradient_carries_the_precision(precision, attention):
-  found = list(_matmuls(_dit_training_jaxpr(precision, attention)))
+  found = list(matmuls(_dit_training_jaxpr(precision, attention)))
   assert {name for name, *_ in found} == {"dot_general", "conv_general_dilated"} and len(found) > 40
   assert any(in_kernel for *_, in_kernel in found) == (attention == "pallas")
   # The Pallas kernels' RoPE rotation multiplies bfloat16 halves of a float32 (exact at the MXU's native pass).
@@ -78,8 +65,8 @@ def test_every_vae_convolution_and_attention_matmul_carries_the_precision(precis
   vae = AutoencoderKL(**VAE, matmul_precision=precision)
   params = jax.eval_shape(vae.init, jax.random.key(0), *vae.dummy_inputs())
   latents = jnp.zeros((1, 16, 16, 8))
-  found = list(_matmuls(jax.make_jaxpr(lambda p: vae.apply(p, latents, method=vae.decode))(params).jaxpr))
-  found += _matmuls(jax.make_jaxpr(lambda p: vae.apply(p, *vae.dummy_inputs(), method=vae.encode))(params).jaxpr)
+  found = list(matmuls(jax.make_jaxpr(lambda p: vae.apply(p, latents, method=vae.decode))(params).jaxpr))
+  found += matmuls(jax.make_jaxpr(lambda p: vae.apply(p, *vae.dummy_inputs(), method=vae.encode))(params).jaxpr)
   assert {name for name, *_ in found} == {"dot_general", "conv_general_dilated"}
   assert all(p == EXPECTED[precision] for _, _, p, _ in found)
 
@@ -100,7 +87,7 @@ def test_the_tpu_compiler_receives_highest_on_every_dot_and_convolution():
 def test_the_tpu_kernel_compiler_takes_every_precision(precision):
   """The Pallas kernels, forward and backward, float32, compiled for a v5e slice by libtpu (Mosaic refuses a
   float32 matmul precision it does not have)."""
-  mesh = shd.make_mesh(4, 1, devices=topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices)
+  mesh = shd.make_mesh(4, 1, devices=tpu_slice())
   qkv = jax.ShapeDtypeStruct((4, 64, 3 * 64), jnp.float32, sharding=NamedSharding(mesh, P(shd.BATCH_AXES)))
   cos, sin = layers.rope_2d(32, 8)
   weights = jnp.ones((32,), jnp.float32)
@@ -110,7 +97,7 @@ def test_the_tpu_kernel_compiler_takes_every_precision(precision):
       out = layers.attention(qkv, 2, (weights, weights, cos, sin), implementation="pallas", precision=precision)
     return jnp.sum(out ** 2)
   compiled = jax.jit(shd.traced_with_mesh(mesh, jax.grad(loss))).trace(qkv).lower().compile()
-  assert compiled.as_text().count("tpu_custom_call") == 2
+  assert tpu_kernel_calls(compiled) == 2
 
 
 def test_highest_is_float32_arithmetic():

@@ -18,6 +18,7 @@ from sfd_jax.chips import chip_of  # noqa: E402
 from sfd_jax import sharding as shd  # noqa: E402
 from sfd_jax.errors import UserError  # noqa: E402
 from sfd_jax.training import config as config_lib, state as state_lib  # noqa: E402
+from tests.programs import tpu_kernel_calls  # noqa: E402
 from tests.tiny import tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.slow  # TPU compiles with libtpu (minutes): the full suite's tier only
@@ -151,10 +152,24 @@ def test_sampler_steps(planned):
   dopri5, euler = planned["sample_step"], planned["sample_step_euler"]
   assert dopri5["model_flops_per_chip"] == pytest.approx(6 * per_chip)
   assert euler["model_flops_per_chip"] == pytest.approx(per_chip)
-  assert dopri5["flops_per_chip"] == pytest.approx(6 * per_chip, rel=0.1)
-  assert euler["flops_per_chip"] == pytest.approx(per_chip, rel=0.1)
+  # The TPU attention kernels' RoPE rotation, forward only: 4 matmuls of 2·N·hd² per head, layer and model row.
+  cfg = planner_config().model
+  n, d = cfg.input_size ** 2, cfg.hidden_size
+  kernels = cfg.depth * 2 * 8 / CHIPS * 4 * 2 * n * (d // cfg.num_heads) * d
+  assert dopri5["flops_per_chip"] == pytest.approx(6 * (per_chip + kernels), rel=0.02)
+  assert euler["flops_per_chip"] == pytest.approx(per_chip + kernels, rel=0.02)
   assert euler["full_run_s"] == pytest.approx(50_000 * (planner_config().sample.num_steps - 1) / 8
                                               * euler["step_time_bound_s"])
+
+
+@pytest.mark.parametrize("attention, kernels", [("auto", True), ("xla", False)])
+def test_sampler_steps_are_the_programs_sample_runs(devices, attention, kernels):
+  """The planned sampling steps run the attention `sample` runs on a TPU: with 'auto' libtpu's executable calls the
+  Pallas kernels (the steps are traced with the mesh, the samples split over its devices), with 'xla' none."""
+  cfg = planner_config()
+  cfg.model.attention = attention
+  for program in plan.sample_programs(cfg, shd.make_mesh(devices=devices), 8):
+    assert bool(tpu_kernel_calls(plan.executable(program))) == kernels, program.name
 
 
 def test_a_program_too_big_does_not_fit(devices):

@@ -28,6 +28,8 @@ from sfd_jax.errors import UserError
 from sfd_jax.eval.evaluator import evaluate
 from sfd_jax.eval.features import FeatureExtractor
 from sfd_jax.eval.reference import read_reference, write_reference
+from sfd_jax.models.inception import FID_MATMUL_PRECISION
+from sfd_jax.models.layers import MATMUL_PRECISIONS
 
 flags.DEFINE_string("ref", None, "ADM reference batch (.npz with arr_0 and/or mu, sigma, mu_s, sigma_s).")
 flags.DEFINE_string("samples", None, "Samples: .npz batch (arr_0 uint8 N×H×W×3) or a folder of images.")
@@ -35,6 +37,9 @@ flags.DEFINE_string("inception", None, "FID Inception weights (pytorch-fid or to
                     f"$SFD_INCEPTION_WEIGHTS or {default_inception_path()}.")
 flags.DEFINE_string("out", None, "JSON report; default SAMPLES_eval.json next to the samples.")
 flags.DEFINE_integer("per_device_batch", 32, "Images per device per Inception batch.", lower_bound=1)
+flags.DEFINE_enum("matmul_precision", FID_MATMUL_PRECISION, MATMUL_PRECISIONS, "Precision of the Inception's "
+                  "convolutions and matmuls: 'highest' is float32, as the ADM evaluator's graph; 'default' is the "
+                  "platform's (one bfloat16 pass on TPU, TF32 on recent GPUs), faster and not comparable.")
 flags.DEFINE_enum("fid_method", "schur", ["schur", "eigh"], "Matrix square root of FID: 'schur' as the ADM "
                   "evaluator; 'eigh' gives the same value ~10× faster on CPU hosts.")
 flags.DEFINE_boolean("check_reference", True, "When the reference stores statistics and images, also report the "
@@ -55,8 +60,8 @@ def default_report_path(samples):
   return path.parent / f"{path.stem if path.suffix == '.npz' else path.name}_eval.json"
 
 
-def _extractor(inception, per_device_batch: int) -> FeatureExtractor:
-  model, variables = load_inception(inception)
+def _extractor(inception, per_device_batch: int, matmul_precision: str) -> FeatureExtractor:
+  model, variables = load_inception(inception, matmul_precision=matmul_precision)
   return FeatureExtractor(model, variables, per_device_batch=per_device_batch)
 
 
@@ -71,13 +76,14 @@ def _weights(path) -> dict:
 
 
 def run_evaluation(ref, samples, inception=None, out=None, per_device_batch: int = 32, fid_method: str = "schur",
-                   check_reference: bool = True) -> dict:
+                   check_reference: bool = True, matmul_precision: str = FID_MATMUL_PRECISION) -> dict:
   """Evaluates, prints the metrics as the ADM evaluator does, writes the JSON report (process 0); returns it."""
   start = time.time()
   reference, sample_source = read_reference(ref), open_images(samples)  # bad inputs fail before the slow part
-  extractor = _extractor(inception, per_device_batch)
+  extractor = _extractor(inception, per_device_batch, matmul_precision)
   report = evaluate(reference, sample_source, extractor, fid_method=fid_method, check_reference=check_reference)
   report["inputs"]["inception"] = _weights(inception)
+  report["settings"]["inception_matmul_precision"] = matmul_precision
   report["devices"] = {"count": jax.device_count(), "kind": jax.devices()[0].device_kind}
   report["seconds"] = round(time.time() - start, 1)
   if jax.process_index() == 0:
@@ -92,7 +98,8 @@ def run_evaluation(ref, samples, inception=None, out=None, per_device_batch: int
 
 
 def make_reference(out, images, inception=None, image_size: int | None = None, num_images: int | None = None,
-                   seed: int = 0, tfds_data_dir=None, per_device_batch: int = 32):
+                   seed: int = 0, tfds_data_dir=None, per_device_batch: int = 32,
+                   matmul_precision: str = FID_MATMUL_PRECISION):
   """Writes an ADM-format reference batch (images and statistics) from a folder or a tfds split."""
   if storage.path(out).exists():  # before the slow part
     raise UserError(f"{out} already exists; choose another path for the reference batch")
@@ -101,7 +108,7 @@ def make_reference(out, images, inception=None, image_size: int | None = None, n
     if num_images > len(source):
       raise UserError(f"--num_images={num_images} but {source.name} holds {len(source)} images")
     source = Subset(source, np.random.default_rng(seed).choice(len(source), num_images, replace=False))
-  write_reference(out, source, _extractor(inception, per_device_batch))
+  write_reference(out, source, _extractor(inception, per_device_batch, matmul_precision))
   say(f"wrote {out}: {len(source)} images of {image_shape(source)} with their statistics")
   return storage.path(out)
 
@@ -118,13 +125,13 @@ def main(argv):
     if not FLAGS.images:
       raise UserError("--write_ref needs --images=DIR or --images=tfds:NAME[:SPLIT]")
     make_reference(FLAGS.write_ref, FLAGS.images, FLAGS.inception, FLAGS.image_size, FLAGS.num_images, FLAGS.seed,
-                   FLAGS.tfds_data_dir, FLAGS.per_device_batch)
+                   FLAGS.tfds_data_dir, FLAGS.per_device_batch, FLAGS.matmul_precision)
   elif not FLAGS.ref or not FLAGS.samples:
     raise UserError("give --ref=REF.npz and --samples=SAMPLES.npz|DIR (or --write_ref=OUT.npz --images=... to "
                     "make a reference batch)")
   else:
     run_evaluation(FLAGS.ref, FLAGS.samples, FLAGS.inception, FLAGS.out, FLAGS.per_device_batch, FLAGS.fid_method,
-                   FLAGS.check_reference)
+                   FLAGS.check_reference, FLAGS.matmul_precision)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sfd_jax.models.layers import MATMUL_PRECISIONS, matmul_precision
+
 Dtype = Any
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008  # the 2015 graph's softmax has 1008 outputs (1000 classes and 8 unused)
 BN_EPS = 1e-3
+# The precision of the features' matmuls and convolutions unless asked otherwise (`cli.evaluate --matmul_precision`;
+# evaluation during training takes it too): the ADM evaluator's graph computes in float32, which a TPU's one
+# bfloat16 pass ('default') or a GPU's TF32 does not reproduce.
+FID_MATMUL_PRECISION = "highest"
 
 
 def _tf1_source_index(in_size: int, out_size: int):
@@ -78,13 +84,11 @@ class BasicConv2d(nn.Module):
   stride: int = 1
   padding: tuple[int, int] = (0, 0)
   dtype: Dtype = jnp.float32
-  precision: str = "highest"
 
   @nn.compact
   def __call__(self, x):
     x = nn.Conv(self.features, self.kernel, strides=self.stride, use_bias=False,
-                padding=[(p, p) for p in self.padding], dtype=self.dtype, param_dtype=jnp.float32,
-                precision=self.precision, name="conv")(x)
+                padding=[(p, p) for p in self.padding], dtype=self.dtype, param_dtype=jnp.float32, name="conv")(x)
     return nn.relu(FrozenBatchNorm(self.dtype, name="bn")(x))
 
 
@@ -100,11 +104,10 @@ def _max_pool(x, stride=2, pad=0):
 class _Block(nn.Module):
   """Shared fields of the mixed blocks; `conv` builds a named BasicConv2d."""
   dtype: Dtype = jnp.float32
-  precision: str = "highest"
 
   def conv(self, name, features, kernel, stride=1, padding=(0, 0)):
     kernel = (kernel, kernel) if isinstance(kernel, int) else kernel
-    return BasicConv2d(features, kernel, stride, padding, self.dtype, self.precision, name=name)
+    return BasicConv2d(features, kernel, stride, padding, self.dtype, name=name)
 
 
 class InceptionA(_Block):
@@ -189,13 +192,12 @@ class InceptionE(_Block):
 
 class Classifier(nn.Module):
   """The 1008-way softmax layer; returns pool·W (what the ADM Inception Score uses) and pool·W + b."""
-  precision: str = "highest"
 
   @nn.compact
   def __call__(self, pool):
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (pool.shape[-1], NUM_CLASSES), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (NUM_CLASSES,), jnp.float32)
-    unbiased = jnp.dot(pool, kernel, precision=self.precision)
+    unbiased = jnp.dot(pool, kernel)
     return unbiased, unbiased + bias
 
 
@@ -204,35 +206,42 @@ class InceptionV3(nn.Module):
 
   Returns a dict: `pool` (B, 2048) = `pool_3`; `spatial` (B, 17, 17, 192) = `mixed_6/conv`; `logits_unbiased`
   (B, 1008) = `softmax/logits/MatMul`, which the ADM Inception Score uses; `logits` = the same plus the fc bias.
-  `precision` defaults to 'highest' because FID needs float32 convolutions (TPUs otherwise use bfloat16 passes).
+  `matmul_precision` (one of `layers.MATMUL_PRECISIONS`) is that of every convolution and matmul:
+  `FID_MATMUL_PRECISION` unless asked otherwise.
   """
   dtype: Dtype = jnp.float32
-  precision: str = "highest"
+  matmul_precision: str = FID_MATMUL_PRECISION
+
+  def __post_init__(self):
+    if self.matmul_precision not in MATMUL_PRECISIONS:
+      raise ValueError(f"matmul_precision {self.matmul_precision!r} is not one of {MATMUL_PRECISIONS}")
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, pixels):
-    kw = dict(dtype=self.dtype, precision=self.precision)
-    conv = lambda name, f, k, s=1, p=(0, 0): BasicConv2d(f, (k, k), s, p, name=name, **kw)
-    x = preprocess(pixels).astype(self.dtype)
-    x = conv("Conv2d_1a_3x3", 32, 3, 2)(x)
-    x = conv("Conv2d_2a_3x3", 32, 3)(x)
-    x = _max_pool(conv("Conv2d_2b_3x3", 64, 3, p=(1, 1))(x))
-    x = conv("Conv2d_3b_1x1", 80, 1)(x)
-    x = _max_pool(conv("Conv2d_4a_3x3", 192, 3)(x))
-    for name, pool_features in (("Mixed_5b", 32), ("Mixed_5c", 64), ("Mixed_5d", 64)):
-      x = InceptionA(pool_features=pool_features, name=name, **kw)(x)
-    x = InceptionB(name="Mixed_6a", **kw)(x)
-    for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
-      x, branch1x1 = InceptionC(channels_7x7=c7, name=name, **kw)(x)
-      if name == "Mixed_6d":
-        spatial = branch1x1
-    x = InceptionD(name="Mixed_7a", **kw)(x)
-    x = InceptionE(name="Mixed_7b", **kw)(x)
-    x = InceptionE(max_pool=True, name="Mixed_7c", **kw)(x)
-    pool = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    logits_unbiased, logits = Classifier(self.precision, name="fc")(pool)
-    return {"pool": pool, "spatial": spatial.astype(jnp.float32), "logits_unbiased": logits_unbiased,
-            "logits": logits}
+    with matmul_precision(self.matmul_precision):
+      kw = dict(dtype=self.dtype)
+      conv = lambda name, f, k, s=1, p=(0, 0): BasicConv2d(f, (k, k), s, p, name=name, **kw)
+      x = preprocess(pixels).astype(self.dtype)
+      x = conv("Conv2d_1a_3x3", 32, 3, 2)(x)
+      x = conv("Conv2d_2a_3x3", 32, 3)(x)
+      x = _max_pool(conv("Conv2d_2b_3x3", 64, 3, p=(1, 1))(x))
+      x = conv("Conv2d_3b_1x1", 80, 1)(x)
+      x = _max_pool(conv("Conv2d_4a_3x3", 192, 3)(x))
+      for name, pool_features in (("Mixed_5b", 32), ("Mixed_5c", 64), ("Mixed_5d", 64)):
+        x = InceptionA(pool_features=pool_features, name=name, **kw)(x)
+      x = InceptionB(name="Mixed_6a", **kw)(x)
+      for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
+        x, branch1x1 = InceptionC(channels_7x7=c7, name=name, **kw)(x)
+        if name == "Mixed_6d":
+          spatial = branch1x1
+      x = InceptionD(name="Mixed_7a", **kw)(x)
+      x = InceptionE(name="Mixed_7b", **kw)(x)
+      x = InceptionE(max_pool=True, name="Mixed_7c", **kw)(x)
+      pool = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+      logits_unbiased, logits = Classifier(name="fc")(pool)
+      return {"pool": pool, "spatial": spatial.astype(jnp.float32), "logits_unbiased": logits_unbiased,
+              "logits": logits}
 
   def dummy_inputs(self):
     return (jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.uint8),)
