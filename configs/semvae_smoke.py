@@ -8,11 +8,11 @@ from sfd_jax.training import semvae
 def get_config(arg=None):
   del arg
   c = semvae.base_config()
-  c.model.update(latent_channels=4, hidden_size=32, encoder_depth=1, decoder_depth=1, num_heads=2)
+  c.model.update(latent_channels=4, hidden_size=32, encoder_depth=1, decoder_depth=1, num_heads=2, dtype="float32")
   c.dino.random_init = True
-  c.data.update(source="digits", heldout_images=16, prefetch=4)
-  c.optim.update(lr=1e-3, weight_decay=0.0, schedule="constant", warmup_steps=0, constant_steps=0, decay_steps=0,
-                 end_lr=0.0)
+  c.data.update(images="digits", heldout_images=16, prefetch=4)
+  c.optim.update(lr=1e-3, weight_decay=0.0, schedule="constant", warmup_steps=0, warmup_start_factor=0.0,
+                 constant_steps=0, decay_steps=0, end_lr=0.0)
   c.batch_size = 8
   c.eval_batch_size = 8
   c.total_steps = 20

@@ -72,6 +72,21 @@ def test_a_truncated_newest_checkpoint_falls_back_and_a_chosen_one_is_named(smok
   assert tree_digest(run) == before
 
 
+def test_a_workdir_guide_is_read_at_the_chosen_step(smoke, tmp_path):
+  """--guide_step restores that checkpoint of a training workdir as the guide (the 80-epoch recipe's guide is the
+  retrained B at 60K); a step it lacks, or a step for a guide that is no workdir, is one sentence."""
+  run = smoke / "run"
+  guided = cli("sample", *sample_args(smoke, tmp_path / "out"), "--step=20", f"--guide_model={run}",
+               "--guide_step=10", "--cfg_scale=1.5")
+  assert guided.returncode == 0, guided.stderr[-3000:]
+  assert f"EMA weights of step 20 of {run}" in guided.stdout and f"EMA weights of step 10 of {run}" in guided.stdout
+  missing = cli("sample", *sample_args(smoke, tmp_path / "out2"), f"--guide_model={run}", "--guide_step=15")
+  assert "has no checkpoint 15; it has [10, 20]" in user_error(missing)
+  export_guide = cli("sample", *sample_args(smoke, tmp_path / "out2"), f"--guide_model={smoke / 'vae'}",
+                     "--guide_step=10")
+  assert "is not a training workdir" in user_error(export_guide)
+
+
 @pytest.mark.parametrize("command, args, expected", [
     ("train", (f"--config={SMOKE}", "--workdir={tmp}", "--config.batch_size=0"),
      "error: config.batch_size=0 must be at least 1"),

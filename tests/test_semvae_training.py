@@ -5,6 +5,7 @@ device → SemVAE) and from a feature file written as extract_dinov2_feature.py 
 export)."""
 import json
 import math
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -306,7 +307,6 @@ def test_short_run_from_a_feature_file(tmp_path):
 def test_feature_file_is_read_lazily_and_checked(tmp_path):
   tokens = _feature_file(tmp_path / "f.safetensors", n=3)
   records = features_lib.FeatureFile(tmp_path / "f.safetensors")
-  import pickle
   assert len(pickle.dumps(records)) < 1000  # a grain worker gets the path, not the arrays
   np.testing.assert_array_equal(pickle.loads(pickle.dumps(records))[2]["features"].reshape(-1, FEATURES),
                                 tokens[2].astype(np.float32))

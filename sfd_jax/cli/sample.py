@@ -20,6 +20,7 @@ from sfd_jax.cli import common
 from sfd_jax.console import say
 from sfd_jax.diffusion import sampler
 from sfd_jax.generate import Settings, run
+from sfd_jax.models import layers
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "The SFD DiT: exported model directory, training workdir, or official .pt (ema weights).")
@@ -31,9 +32,12 @@ flags.DEFINE_string("stats", None, "Texture latent stats: a latent dataset direc
 flags.DEFINE_string("out", None, "Output directory (images/, samples.npz, demo.png).")
 flags.DEFINE_string("preset", "XL", "Official DiT size of an official --model file (S, B, L, XL, XXL/1p0B, 1p6B).")
 flags.DEFINE_string("model_kwargs", None, "Official constructor kwargs of an official --model file, as JSON.")
-flags.DEFINE_string("guide_model", None, "AutoGuidance: the weak DiT (exported directory or official file).")
+flags.DEFINE_string("guide_model", None, "AutoGuidance: the weak DiT (exported directory, training "
+                    "workdir, or official file).")
 flags.DEFINE_string("guide_preset", "B", "AutoGuidance: official size of an official --guide_model file.")
 flags.DEFINE_string("guide_model_kwargs", None, "AutoGuidance: official kwargs of the guide file, as JSON.")
+flags.DEFINE_integer("guide_step", None, "With a training workdir as --guide_model: the checkpoint step (default: "
+                     "the newest complete one; the official 80-epoch recipe uses its guide at 60000).", lower_bound=0)
 flags.DEFINE_integer("num_images", 50_000, "How many images (indices 0..N-1).", lower_bound=1)
 flags.DEFINE_integer("batch_size", 64, "Global batch (a multiple of the device count).", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Image i's noise and random label are functions of (seed, i) only.")
@@ -57,6 +61,14 @@ flags.DEFINE_enum("cfg_interval_mode", None, sampler.INTERVAL_MODES, "Streams th
                   "(default: the model's semfirst_infer_interval_mode, or both).")
 flags.DEFINE_float("latent_multiplier", 1.0, "The latent multiplier of the dataset (official 1.0).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the networks.")
+flags.DEFINE_enum("attention", None, layers.ATTENTION, "Attention of the DiTs (default: each model's own, from "
+                  "its export or training config): auto takes the platform's fused kernel (Pallas on TPU, cuDNN on "
+                  "GPUs of compute capability ≥ 8.0), xla the way back from a kernel.")
+flags.DEFINE_enum("matmul_precision", None, layers.MATMUL_PRECISIONS, "Precision of every matmul and convolution of "
+                  "the DiTs and the decoder (default: the DiT's own): highest is float32 on TPUs and GPUs too, "
+                  "default the platform's faster passes for float32 (bfloat16 on TPU, TF32 on GPU).")
+flags.DEFINE_bool("attention_check", True, "On an accelerator, compare the attention kernel with XLA's on the first "
+                  "batch and stop if they differ beyond bfloat16 rounding.")
 flags.DEFINE_bool("demo", False, "Write one captioned grid out/demo.png of --num_images images instead.")
 flags.DEFINE_bool("npz", True, "Pack samples.npz once all images exist.")
 flags.mark_flags_as_required(["model", "vae", "stats", "out"])

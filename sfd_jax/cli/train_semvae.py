@@ -1,5 +1,8 @@
 """Trains the Semantic VAE: `python -m sfd_jax.cli.train_semvae --config=configs/semvae.py --workdir=DIR`.
 
+configs/semvae.py is the official recipe (`tokenizer/semvae/train.py` with `ch16.yaml`); the DINOv2 features come
+from the images on the fly (sfd_jax's own path) or from the official pre-extracted feature file
+(`--config=configs/semvae.py:features --config.data.features_path=FILE`).
 Resumes from the newest complete checkpoint in the workdir; SIGTERM or a preemption notice saves and exits 75
 (run the same command again to resume).
 Once the run has reached config.total_steps, the SemVAE is exported to <workdir>/semvae (or --export_dir) with

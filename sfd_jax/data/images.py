@@ -10,7 +10,8 @@ caller can skip and list it (extraction, training) or stop naming it (evaluation
 The crops are ADM's (guided-diffusion `image_datasets.py`), with PIL exactly as ADM calls it: halve with a box
 filter while the short side is at least twice the target, bicubic-resize the short side to the target, then cut
 the centre square (`adm_center_crop`, what LightningDiT's extraction and the reference batches use) or a random
-square after resizing the short side to a random size (`adm_random_crop`, the augmentation of SemVAE training).
+square after resizing the short side to a random size (`adm_random_crop`). `resize_center_crop` is torchvision's
+Resize + CenterCrop instead, the official SemVAE features' preprocessing.
 """
 from __future__ import annotations
 

@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
       lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
       schedule="constant",       # constant | cosine (warmup → constant for constant_steps → cosine to end_lr)
       warmup_steps=0, constant_steps=0, decay_steps=0, end_lr=0.0,
+      warmup_start_factor=0.0,   # the warmup's first LR, a fraction of lr (torch LinearLR's start_factor)
       max_grad_norm=0.0,         # 0 = no clipping (official)
       grad_accum_steps=1,        # micro-batches per step
       ema_decay=0.9999,
@@ -145,7 +146,8 @@ VALUE_RANGES = (
     ("eval.rtol", 0.0, None), ("eval.atol", 0.0, None), ("eval.shift", 0.0, None),
     ("eval.cfg_interval_start", 0.0, 1.0),
     ("optim.lr", 0.0, None), ("optim.b1", 0.0, 1.0), ("optim.b2", 0.0, 1.0), ("optim.eps", 0.0, None),
-    ("optim.weight_decay", 0.0, None), ("optim.warmup_steps", 0, None), ("optim.constant_steps", 0, None),
+    ("optim.weight_decay", 0.0, None), ("optim.warmup_steps", 0, None), ("optim.warmup_start_factor", 0.0, 1.0),
+    ("optim.constant_steps", 0, None),
     ("optim.decay_steps", 0, None), ("optim.end_lr", 0.0, None), ("optim.max_grad_norm", 0.0, None),
     ("optim.grad_accum_steps", 1, None), ("optim.ema_decay", 0.0, 1.0),
     ("loss.delta_t", 0.0, 1.0), ("loss.semantic_channels", 0, None), ("loss.semantic_weight", 0.0, None),

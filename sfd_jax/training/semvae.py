@@ -57,7 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   (the raw weights are exported).
 
   Our choices: the features computed from the images on the fly (data.source='images'; 'features' reads the
-  official file); 1,024 images held out for evaluation (the official evaluates on 500 validation images).
+  official file); 1,024 images held out for evaluation (the official evaluates on 500 validation images);
+  checkpoints every 20,000 steps, for resuming (the official saves every 100,000).
   """
   base = config_lib.base_config()
   c = ml_collections.ConfigDict()

@@ -23,8 +23,10 @@ class TrainState:
 
 
 def lr_schedule(optim) -> optax.Schedule:
-  """Linear warmup from 0, then constant, or constant for `constant_steps` and a cosine to `end_lr` after."""
-  warmup = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps) if optim.warmup_steps else None
+  """Linear warmup from `warmup_start_factor`·lr, then constant, or constant for `constant_steps` and a cosine to
+  `end_lr` after; the value at step k is the LR of the (k+1)-th update, as torch's schedulers stepped k times."""
+  warmup = (optax.linear_schedule(optim.warmup_start_factor * optim.lr, optim.lr, optim.warmup_steps)
+            if optim.warmup_steps else None)
   if optim.schedule == "constant":
     main = optax.constant_schedule(optim.lr)
     if warmup is None:
