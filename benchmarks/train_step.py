@@ -1,8 +1,8 @@
 """Train-step throughput of sfd_jax, and of the official-architecture PyTorch step on the same machine.
 
-  python benchmarks/train_step.py --config=configs/sfd_xl.py:S --config.batch_size=8 --steps=5
-  python benchmarks/train_step.py --config=configs/sfd_xl.py --config.batch_size=256 \
-      --config.model.dtype=bfloat16 --config.model.remat_policy=dots_saveable --torch=false
+  python benchmarks/train_step.py --config=configs/sfd_xl.py:S --config.batch_size=8 --steps=5 \
+      --config.model.dtype=float32 --config.model.remat_policy=dots_with_no_batch_dims_saveable  # CPU, as measured
+  python benchmarks/train_step.py --config=configs/sfd_xl.py --config.batch_size=256 --torch=false  # the recipe
 
 Compiles, warms up, then times `--steps` steps and reports images/s at the median step time (and the fastest
 step: other processes on a shared machine only ever slow a step down), model FLOPs per image (3× the forward

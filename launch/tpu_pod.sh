@@ -4,29 +4,32 @@
 # how it ends. A run resumes by itself from the newest complete checkpoint in WORKDIR, so every restart below is
 # the same command again.
 #
-#   PROJECT=my-proj ZONE=us-east5-a TPU=sfd-xl TYPE=v5litepod-64 \
-#   WORKDIR=gs://my-bucket/sfd_xl DATA=gs://my-bucket/imagenet_latents_256 CONFIG=configs/sfd_xl.py \
-#   EXTRA="--config.model.dtype=bfloat16 --config.model.remat_policy=dots_saveable --config.mesh.data=1 --config.mesh.fsdp=-1" \
-#   launch/tpu_pod.sh
+#   PROJECT=my-proj ZONE=us-east5-a TPU=sfd-xl TYPE=v5litepod-64 WORKDIR=gs://my-bucket/sfd_xl \
+#   DATA_BUCKET=my-bucket DATA=/gcs/my-bucket/imagenet_latents_256 launch/tpu_pod.sh
 #
 # Required: PROJECT, ZONE, TPU (the TPU VM's name), TYPE (accelerator type), WORKDIR and DATA (the run's workdir
-# and the latent dataset, as every worker sees them).
+# and the latent dataset, as every worker sees them: a filesystem path, e.g. a bucket mounted by DATA_BUCKET).
 # Optional, with their defaults:
 #   CONFIG=configs/sfd_xl.py    EXTRA=             more flags for sfd_jax.cli.train
-#   RUNTIME=v2-alpha-tpuv5-lite                    TPU software (v4: tpu-ubuntu2204-base, v5p: v2-alpha-tpuv5,
-#                                                  v6e: v2-alpha-tpuv6e)
+#   RUNTIME=                                       TPU software; by default the one Cloud TPU's software-versions
+#                                                  page gives for TYPE: v4 (and v2, v3) tpu-ubuntu2204-base,
+#                                                  v5e (v5litepod) v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5,
+#                                                  v6e v2-alpha-tpuv6e
 #   SPOT=1                                         SPOT=0 queues an on-demand slice
 #   QUEUED=$TPU                                    the queued resource's name
 #   LOGS=$WORKDIR/logs                             each launch's worker logs go to LOGS/<UTC time>/worker-<i>.log
 #   DATA_BUCKET=                                   a bucket every worker mounts read-only at /gcs/DATA_BUCKET
 #                                                  (gcsfuse), for a DATA=/gcs/... dataset
 #   POLL_SECONDS=60                                between looks at the slice and at the run
-#   BACKOFF_SECONDS=60  MAX_BACKOFF_SECONDS=1800   wait after a failed create (a stock-out), doubling
-#   CREATE_ATTEMPTS=30                             failed creates before giving up
+#   BACKOFF_SECONDS=60  MAX_BACKOFF_SECONDS=1800   wait after a create that failed for want of capacity (a
+#                                                  stock-out) or a transient error, doubling
+#   CREATE_ATTEMPTS=30                             such failed creates before giving up
 #   BUG_RETRIES=2                                  restarts after a failure that is neither 0, 2 nor 75
 #   STRAGGLER_SECONDS=600                          how long the other workers may run on once one has exited
 #   TAIL_LINES=40                                  log lines printed when the run stops on an error
 #
+# A create that gcloud refuses for good (permission denied, quota exceeded, an invalid argument such as a TYPE the
+# zone does not offer) stops this script at once with gcloud's message (exit 2).
 # What the run's exit code (worker 0's; the others' are compared with it and a difference is reported) leads to:
 #   0   finished: the slice is deleted and this script exits 0
 #   75  preempted, checkpoint saved: the same command again, on this slice or on a re-queued one
@@ -46,7 +49,7 @@ set -uo pipefail
 REPO_DIR="$(cd "$(dirname "$0")/.." && pwd)"
 CONFIG="${CONFIG:-configs/sfd_xl.py}"
 EXTRA="${EXTRA:-}"
-RUNTIME="${RUNTIME:-v2-alpha-tpuv5-lite}"
+RUNTIME="${RUNTIME:-}"
 SPOT="${SPOT:-1}"
 DATA_BUCKET="${DATA_BUCKET:-}"
 POLL_SECONDS="${POLL_SECONDS:-60}"
@@ -71,8 +74,28 @@ check_variables() {
     echo "error: set$missing" >&2
     exit 2
   fi
+  if [[ "$DATA" == gs://* ]]; then
+    echo "error: DATA=$DATA: the trainer reads the latent dataset from a filesystem path; set DATA_BUCKET=BUCKET" \
+      "to mount the bucket on every worker and DATA=/gcs/BUCKET/..." >&2
+    exit 2
+  fi
+  if [[ -z "$RUNTIME" ]] && ! RUNTIME="$(runtime_for "$TYPE")"; then
+    echo "error: no TPU software version known for TYPE=$TYPE: set RUNTIME (see Cloud TPU's software versions)" >&2
+    exit 2
+  fi
   QUEUED="${QUEUED:-$TPU}"
   LOGS="${LOGS:-$WORKDIR/logs}"
+}
+
+# The TPU software version (runtime) of an accelerator type, from Cloud TPU's "TPU software versions" page.
+runtime_for() {
+  case "$1" in
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v5litepod-* | v5e-*) echo v2-alpha-tpuv5-lite ;;
+    v2-* | v3-* | v4-*) echo tpu-ubuntu2204-base ;;
+    *) return 1 ;;
+  esac
 }
 
 qr() { gcloud compute tpus queued-resources "$@" --project="$PROJECT" --zone="$ZONE" --quiet; }
@@ -97,8 +120,22 @@ tpu_state() { described vm describe "$TPU" --format="value(state)"; }
 create_slice() {
   local spot=""
   [[ "$SPOT" == 1 ]] && spot="--spot"
-  qr create "$QUEUED" --node-id="$TPU" --accelerator-type="$TYPE" --runtime-version="$RUNTIME" $spot
+  qr create "$QUEUED" --node-id="$TPU" --accelerator-type="$TYPE" --runtime-version="$RUNTIME" $spot 2>"$ERRORS"
 }
+
+# What a failed create's message (in $ERRORS) means: "refused" when waiting cannot help (permission, quota, an
+# invalid argument, no credentials, no such zone), "stock-out" when the zone lacks capacity now, else "transient".
+REFUSED="quota|PERMISSION_DENIED|UNAUTHENTICATED|INVALID_ARGUMENT|NOT_FOUND|active account|invalid choice|argument --"
+create_failure() {
+  if grep -qiE "$REFUSED" "$ERRORS"; then
+    echo refused
+  elif grep -qiE "RESOURCE_EXHAUSTED|capacity|stockout|stock-out" "$ERRORS"; then
+    echo stock-out
+  else
+    echo transient
+  fi
+}
+gcloud_message() { grep -m 1 "ERROR" "$ERRORS" || tail -n 1 "$ERRORS"; }
 
 delete_slice() { say "deleting $QUEUED"; qr delete "$QUEUED" --force; }
 
@@ -137,23 +174,30 @@ gcsfuse-\$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.
     mountpoint -q /gcs/$DATA_BUCKET || gcsfuse -o ro --implicit-dirs $DATA_BUCKET /gcs/$DATA_BUCKET"
 }
 
-# Returns once the slice is ACTIVE, its TPU READY and sfd_jax installed on it; fails when it cannot be had.
+# Returns once the slice is ACTIVE, its TPU READY and sfd_jax installed on it; fails when it cannot be had (2: the
+# create was refused for good).
 ensure_slice() {
-  local state failures=0 install_failures=0 backoff="$BACKOFF_SECONDS"
+  local state reason failures=0 install_failures=0 backoff="$BACKOFF_SECONDS"
   while true; do
     state="$(queued_state)"
     case "$state" in
       MISSING)
         INSTALLED=0
         if create_slice; then
-          say "queued $QUEUED ($TYPE, $([[ "$SPOT" == 1 ]] && echo spot || echo on-demand))"
+          say "queued $QUEUED ($TYPE, $RUNTIME, $([[ "$SPOT" == 1 ]] && echo spot || echo on-demand))"
         else
+          reason="$(create_failure)"
+          if [[ "$reason" == refused ]]; then
+            say "gcloud refused to create $QUEUED, which waiting will not change: $(gcloud_message)"
+            return 2
+          fi
           failures=$((failures + 1))
           if (( failures >= CREATE_ATTEMPTS )); then
-            say "could not create $QUEUED $failures times: giving up"
+            say "could not create $QUEUED $failures times: giving up ($(gcloud_message))"
             return 1
           fi
-          say "could not create $QUEUED (attempt $failures of $CREATE_ATTEMPTS; a stock-out?): again in ${backoff} s"
+          say "could not create $QUEUED (attempt $failures of $CREATE_ATTEMPTS, $reason: $(gcloud_message)):" \
+            "again in ${backoff} s"
           sleep "$backoff"
           backoff=$((backoff * 2 > MAX_BACKOFF_SECONDS ? MAX_BACKOFF_SECONDS : backoff * 2))
           continue
@@ -254,7 +298,7 @@ main() {
   local failures=0
   INSTALLED=0
   while true; do
-    ensure_slice || exit 1
+    ensure_slice || exit $?
     if launch_run; then
       wait_run
     else

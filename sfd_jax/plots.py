@@ -1,15 +1,16 @@
 """Pictures of training runs, drawn from their metrics.jsonl with matplotlib's Agg canvas (files, no display).
 
-`RunPlots` keeps `<workdir>/plots/training.png` (each loss term raw and smoothed, the learning rate, throughput,
-against step, with epochs along the top) and, once the run has evaluated, `<workdir>/plots/eval.png` (each
-evaluation metric against step, one line per guidance scale) up to date while a run goes: at most once every
-`min_interval_s`, and when the run ends. `compare` draws one metric of several runs into one picture
-(`python -m sfd_jax.cli.plot RUN1 RUN2 ... --metric=fid`).
+`write_run_plots` draws `<workdir>/plots/training.png` (each loss term raw and smoothed, the learning rate,
+throughput, against step, with epochs along the top) and, once the run has evaluated, `<workdir>/plots/eval.png`
+(each evaluation metric against step, one line per guidance scale) from a run's records; the training metrics
+writer keeps them up to date while a run goes. `compare` draws one metric of several runs into one picture
+(`python -m sfd_jax.cli.plot RUN1 RUN2 ... --metric=fid`). This module reads runs and draws them; it imports
+nothing of the training machinery (which imports it).
 """
 from __future__ import annotations
 
+import json
 import logging
-import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -22,6 +23,25 @@ TRAINING_KEYS = ("lr", "images_per_s", "grad_norm")  # after the loss terms, in 
 PANEL_SIZE = (4.0, 2.8)  # inches per panel
 COMPARE_SIZE = (8.0, 5.0)  # inches: 800 × 500 pixels
 DPI = 100
+
+
+def read_jsonl(path) -> list[dict]:
+  """The records of a metrics.jsonl; lines that do not parse (a tail torn by a crash mid-write) are left out, with
+  a warning."""
+  records, torn = [], 0
+  for line in storage.path(path).read_bytes().decode(errors="replace").splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      torn += 1
+      continue
+    if isinstance(record, dict) and "step" in record:
+      records.append(record)
+    else:
+      torn += 1
+  if torn:
+    logging.warning("%s: left out %d line(s) that are not complete records (torn by a crash mid-write)", path, torn)
+  return records
 
 
 def _figure(panels: int, columns: int = 3, size: tuple[float, float] | None = None):
@@ -147,12 +167,10 @@ def eval_figure(records: Sequence[dict]):
   return figure
 
 
-def write_run_plots(workdir) -> list[epath.Path]:
-  """Draws `plots/training.png` and `plots/eval.png` of a run from its metrics.jsonl; returns what it wrote."""
-  from sfd_jax.training.metrics import read_jsonl
+def write_run_plots(workdir, records: Sequence[dict]) -> list[epath.Path]:
+  """Draws `plots/training.png` and `plots/eval.png` of the run in `workdir` from its metrics records; returns
+  what it wrote."""
   workdir = epath.Path(workdir)
-  jsonl = workdir / "metrics.jsonl"
-  records = read_jsonl(jsonl) if jsonl.exists() else []
   written = []
   for name, draw in (("training.png", training_figure), ("eval.png", eval_figure)):
     figure = draw(records)
@@ -160,26 +178,6 @@ def write_run_plots(workdir) -> list[epath.Path]:
       _save(figure, workdir / "plots" / name)
       written.append(workdir / "plots" / name)
   return written
-
-
-class RunPlots:
-  """Keeps a run's plots current: `maybe_update()` redraws when `min_interval_s` have passed since the last
-  drawing (drawing costs a fraction of a second), `update()` now."""
-
-  def __init__(self, workdir, min_interval_s: float = 60.0):
-    self.workdir, self.min_interval_s = workdir, min_interval_s
-    self.last = -float("inf")
-
-  def maybe_update(self) -> None:
-    if time.monotonic() - self.last >= self.min_interval_s:
-      self.update()
-
-  def update(self) -> None:
-    self.last = time.monotonic()
-    try:
-      write_run_plots(self.workdir)
-    except OSError as e:  # a full disk or a lost bucket connection costs the pictures, not the run
-      logging.warning("could not write the plots of %s: %s", self.workdir, e)
 
 
 def metric_keys(records: Sequence[dict], metric: str) -> list[str]:
@@ -191,7 +189,6 @@ def compare(runs: Sequence, metric: str, out, smoothing: float = 0.0):
   """One picture of `metric` against step for every run (a line per run and guidance scale); returns its path.
 
   A run is a training workdir (or its metrics.jsonl); `smoothing` is TensorBoard's EMA weight (0: none)."""
-  from sfd_jax.training.metrics import read_jsonl
   if not 0 <= smoothing < 1:
     raise UserError(f"--smoothing={smoothing} must be in [0, 1)")
   paths = [epath.Path(run) for run in runs]

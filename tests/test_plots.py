@@ -69,7 +69,8 @@ def test_a_run_keeps_its_plots(tmp_path, with_eval):
     writer.write_scalars(step, {"loss": 1.0 / step, "loss_mse": 0.5 / step, "lr": 1e-3, "images_per_s": 100.0})
     if with_eval and step % 50 == 0:
       writer.write_scalars(step, {"eval/cfg1/fd": 10.0 / step, "eval/seconds": 1.0})
-  assert (tmp_path / "plots" / "training.png").exists()  # drawn at the first write
+  writer.flush()
+  assert (tmp_path / "plots" / "training.png").exists()  # drawn after the first write
   writer.close()  # and again at the end, with everything
   training = np.asarray(Image.open(tmp_path / "plots" / "training.png").convert("RGB"))
   assert training.shape == (2 * 280, 3 * 400, 3) and training.std() > 5  # 4 panels in rows of 3

@@ -65,6 +65,8 @@ if command.startswith("compute tpus queued-resources describe"):
   answer(f"describe→{state}", out=state + "\n")
 if command.startswith("compute tpus queued-resources create"):
   world["creates"] += 1
+  if "refusal" in scenario:
+    answer("create→refused", err=scenario["refusal"], code=1)
   if world["creates"] <= scenario.get("stock_outs", 0):
     answer("create→stock-out", err="ERROR: (gcloud.compute.tpus.queued-resources.create) RESOURCE_EXHAUSTED: "
            "There is no more capacity in the zone\n", code=1)
@@ -142,7 +144,8 @@ def supervise(checkout, tmp_path, scenario, **variables):
   (fake / "scenario.json").write_text(json.dumps(scenario))
   env = {"PATH": f"{fake / 'bin'}:{os.environ['PATH']}", "HOME": str(tmp_path), "FAKE_GCLOUD_DIR": str(fake),
          "PROJECT": "proj", "ZONE": "us-east5-a", "TPU": "sfd-xl", "TYPE": "v5litepod-16",
-         "WORKDIR": "gs://bucket/sfd_xl", "DATA": "gs://bucket/latents", "EXTRA": "--config.mesh.fsdp=4",
+         "WORKDIR": "gs://bucket/sfd_xl", "DATA": "/gcs/bucket/latents",
+         "EXTRA": "--config.mesh.data=-1 --config.mesh.fsdp=4",
          "POLL_SECONDS": "0", "BACKOFF_SECONDS": "0", **variables}
   result = subprocess.run(["bash", str(checkout / "launch" / "tpu_pod.sh")], env=env, capture_output=True,
                           text=True, timeout=120)
@@ -164,7 +167,8 @@ def test_stock_out_then_a_finished_run(checkout, tmp_path):
   assert code == 0, output
   assert steps == ["describe→MISSING", "create→stock-out", "describe→MISSING", "create→stock-out", *QUEUE,
                    *FINISHED]
-  assert "a stock-out?" in output and "training finished" in output
+  assert ("(attempt 1 of 30, stock-out: ERROR: (gcloud.compute.tpus.queued-resources.create) RESOURCE_EXHAUSTED: "
+          "There is no more capacity in the zone): again in 0 s") in output and "training finished" in output
   create = calls[1]
   assert create == ["compute", "tpus", "queued-resources", "create", "sfd-xl", "--node-id=sfd-xl",
                     "--accelerator-type=v5litepod-16", "--runtime-version=v2-alpha-tpuv5-lite", "--spot",
@@ -175,8 +179,8 @@ def test_stock_out_then_a_finished_run(checkout, tmp_path):
   assert command[:4] == ["--command=cd", "~/sfd_jax", "&&", "launch/pod_worker.sh"]
   assert command[4] == "start" and command[5].startswith("gs://bucket/sfd_xl/logs/2")
   assert command[6:] == [".venv/bin/python", "-m", "sfd_jax.cli.train", "--config=configs/sfd_xl.py",
-                         "--workdir=gs://bucket/sfd_xl", "--config.data.path=gs://bucket/latents",
-                         "--config.mesh.fsdp=4"]
+                         "--workdir=gs://bucket/sfd_xl", "--config.data.path=/gcs/bucket/latents",
+                         "--config.mesh.data=-1", "--config.mesh.fsdp=4"]
   install = next(a for c in calls for a in c if "setup_venv.sh" in a)
   assert "tar -xzf ~/sfd_jax.tar.gz -C ~/sfd_jax" in install and "launch/setup_venv.sh ~/sfd_jax/.venv tpu" in install
   assert calls[-1] == ["compute", "tpus", "queued-resources", "delete", "sfd-xl", "--force", "--project=proj",
@@ -279,6 +283,46 @@ def test_create_attempts_are_bounded(checkout, tmp_path):
   assert code == 1, output
   assert steps == ["describe→MISSING", "create→stock-out"] * 3
   assert "could not create sfd-xl 3 times: giving up" in output
+
+
+@pytest.mark.parametrize("accelerator, runtime", [
+    ("v4-32", "tpu-ubuntu2204-base"), ("v5litepod-64", "v2-alpha-tpuv5-lite"), ("v5p-128", "v2-alpha-tpuv5"),
+    ("v6e-16", "v2-alpha-tpuv6e")])
+def test_the_runtime_follows_the_type(checkout, tmp_path, accelerator, runtime):
+  """Each TPU generation gets the software version Cloud TPU's software-versions page gives for it."""
+  code, output, steps, calls = supervise(checkout, tmp_path, {"runs": [{"codes": [0, 0]}]}, TYPE=accelerator)
+  assert code == 0, output
+  assert calls[1][6:8] == [f"--accelerator-type={accelerator}", f"--runtime-version={runtime}"], calls[1]
+
+
+def test_an_unknown_type_needs_a_runtime(checkout, tmp_path):
+  code, output, steps, _ = supervise(checkout, tmp_path, {"runs": []}, TYPE="v9z-8")
+  assert code == 2 and steps == [] and "error: no TPU software version known for TYPE=v9z-8: set RUNTIME" in output
+  code, output, steps, calls = supervise(checkout, tmp_path / "given", {"runs": [{"codes": [0, 0]}]}, TYPE="v9z-8",
+                                         RUNTIME="v2-alpha-tpu9")
+  assert code == 0 and calls[1][7] == "--runtime-version=v2-alpha-tpu9", output
+
+
+@pytest.mark.parametrize("refusal", [
+    "ERROR: (gcloud.compute.tpus.queued-resources.create) PERMISSION_DENIED: Permission 'tpu.queuedResources.create'"
+    " denied on 'projects/proj/locations/us-east5-a/queuedResources/sfd-xl'",
+    "ERROR: (gcloud.compute.tpus.queued-resources.create) RESOURCE_EXHAUSTED: Quota limit "
+    "'TPUV5sLitepodPerProjectPerZoneForTPUAPI' has been exceeded. Limit: 16 in zone us-east5-a.",
+    "ERROR: (gcloud.compute.tpus.queued-resources.create) INVALID_ARGUMENT: Accelerator type v5litepod-16 is not "
+    "available in zone us-west1-c"])
+def test_a_refused_create_stops_at_once(checkout, tmp_path, refusal):
+  """Permission, quota and invalid arguments do not change by waiting: one try, gcloud's message, exit 2."""
+  code, output, steps, _ = supervise(checkout, tmp_path, {"refusal": refusal + "\n", "runs": []})
+  assert code == 2, output
+  assert steps == ["describe→MISSING", "create→refused"]
+  assert f"gcloud refused to create sfd-xl, which waiting will not change: {refusal}" in output
+
+
+def test_a_bucket_dataset_path_is_refused_before_queueing(checkout, tmp_path):
+  """The trainer reads latents from a filesystem path: DATA=gs://... is told at once, not after the slice came."""
+  code, output, steps, _ = supervise(checkout, tmp_path, {"runs": []}, DATA="gs://bucket/latents")
+  assert code == 2 and steps == []
+  assert "error: DATA=gs://bucket/latents: the trainer reads the latent dataset from a filesystem path" in output
 
 
 def test_missing_variables(checkout, tmp_path):

@@ -122,6 +122,7 @@ def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
     ("data.source=latents", "error: config.data.path is empty"),
     ("mesh.data=3", "error: mesh: data 3 × fsdp 1 = 3 does not match the 1 devices"),
     ("data.path=s3://bucket/latents", "error: --config.data.path=s3://bucket/latents: sfd_jax reads and writes local"),
+    ("model.attention=pallas", "error: model.attention='pallas' needs a TPU, and this device is a cpu"),
 ])
 def test_bad_input_is_one_clear_message(tmp_path, override, expected):
   result = train(tmp_path, override, check=False)
@@ -144,11 +145,17 @@ def test_corrupt_checkpoint_is_skipped_and_kept(smoke_run, tmp_path):
 
 
 def test_resume_on_another_mesh(smoke_run, tmp_path):
-  """A run saved on one device continues on 8 devices as data 4 × fsdp 2 (resharded on restore)."""
-  workdir = tmp_path / "run"
-  subprocess.run(["cp", "-r", str(smoke_run[0]), str(workdir)], check=True)
-  result = train(workdir, "total_steps=50", "mesh.data=4", "mesh.fsdp=2", "sharding.min_size=64", devices=8)
+  """A run saved on one device continues on 8 devices as data 4 × fsdp 2 (resharded on restore) with the losses of
+  its continuation on one device, to float32 rounding (the gradients are summed in another order)."""
+  moved, stayed = tmp_path / "moved", tmp_path / "stayed"
+  for workdir in (moved, stayed):
+    subprocess.run(["cp", "-r", str(smoke_run[0]), str(workdir)], check=True)
+  result = train(moved, "total_steps=50", "log_every=1", "mesh.data=4", "mesh.fsdp=2", "sharding.min_size=64",
+                 devices=8)
   assert "resumed from step 40" in result.stdout and "step 50/50" in result.stdout
+  train(stayed, "total_steps=50", "log_every=1")
+  assert [s for s, *_ in losses(moved)] == [10, 20, 30, 40, *range(41, 51)]
+  np.testing.assert_allclose([l[1:] for l in losses(moved)], [l[1:] for l in losses(stayed)], rtol=2e-5)
 
 
 def test_two_processes_match_one(tmp_path):
@@ -165,3 +172,55 @@ def test_two_processes_match_one(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), one.params, two.params)
   np.testing.assert_allclose([l[1:] for l in losses(tmp_path / "one")], [l[1:] for l in losses(tmp_path / "two")],
                              rtol=1e-5)
+
+
+def _stopped_after_first_line(command, env=None):
+  """Runs a command line and sends it SIGTERM once it has printed its first line, while it is still starting up
+  (restoring, compiling); returns (exit status, stdout, stderr)."""
+  worker = subprocess.Popen(command, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  first = worker.stdout.readline()
+  worker.send_signal(signal.SIGTERM)
+  out, err = worker.communicate(timeout=300)
+  return worker.returncode, first + out, err
+
+
+def _preempted(returncode, err):
+  """A preemption, as the supervisor reads it: exit 75, the preempted line last, no traceback."""
+  return (returncode == 75 and "Traceback" not in err
+          and err.strip().splitlines()[-1] == "preempted: stopped by SIGTERM: run the same command again to resume")
+
+
+def test_sigterm_during_start_up_is_a_preemption(tmp_path):
+  code, out, err = _stopped_after_first_line(_command(tmp_path))
+  assert out.startswith("devices: ") and "step " not in out, out
+  assert _preempted(code, err), (code, err[-3000:])
+  assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_sigterm_during_restore_is_a_preemption_and_damages_nothing(smoke_run, tmp_path):
+  workdir = tmp_path / "run"
+  subprocess.run(["cp", "-r", str(smoke_run[0]), str(workdir)], check=True)
+  before = {p.relative_to(workdir): p.read_bytes() for p in (workdir / "checkpoints").rglob("*") if p.is_file()}
+  metrics = (workdir / "metrics.jsonl").read_bytes()
+  code, out, err = _stopped_after_first_line(_command(workdir, "total_steps=50"))
+  assert "step " not in out and _preempted(code, err), (code, out, err[-3000:])
+  after = {p.relative_to(workdir): p.read_bytes() for p in (workdir / "checkpoints").rglob("*") if p.is_file()}
+  assert after == before and (workdir / "metrics.jsonl").read_bytes() == metrics
+  assert final_state(workdir)[0] == 40
+
+
+def test_sigterm_while_sample_and_demo_start_is_a_preemption(smoke_run, tmp_path):
+  from sfd_jax.convert import export
+  from sfd_jax.models.texture_vae import AutoencoderKL
+  vae = AutoencoderKL(ch=32, ch_mult=(1,), num_res_blocks=0, attn_resolutions=(), resolution=4, z_channels=32,
+                      embed_dim=32)
+  export.save_model(tmp_path / "vae", vae, vae.init(jax.random.key(0), *vae.dummy_inputs()))
+  (tmp_path / "stats.json").write_text(json.dumps({"texture": {"mean": [0.0] * 32, "std": [1.0] * 32}}))
+  code, out, err = _stopped_after_first_line([
+      sys.executable, "-m", "sfd_jax.cli.sample", f"--model={smoke_run[0]}", f"--vae={tmp_path / 'vae'}",
+      f"--stats={tmp_path / 'stats.json'}", f"--out={tmp_path / 'samples'}", "--num_images=4", "--batch_size=2",
+      "--method=euler", "--num_steps=3"])
+  assert out.startswith("model: EMA weights of step 40") and _preempted(code, err), (code, out, err[-3000:])
+  code, out, err = _stopped_after_first_line([sys.executable, "-m", "sfd_jax.cli.demo", "--quick",
+                                              f"--out={tmp_path / 'demo'}"])
+  assert _preempted(code, err), (code, out, err[-3000:])

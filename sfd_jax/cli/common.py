@@ -2,13 +2,15 @@
 
 `run(main)` replaces `app.run(main)`. A user error (`sfd_jax.errors.UserError`: a bad flag, config value or file)
 ends in one `error: ...` line and exit status 2; a preempted run exits 75 once its checkpoint is complete (run the
-same command again to resume); anything else is a bug in sfd_jax and keeps its traceback, with a one-line summary
-last (exit 1). The terminal shows stage lines, progress and results (`sfd_jax.console.say`) and warnings; library
-INFO logs go to `<run directory>/logs/<command>.log` unless `--verbosity` is given, which shows them as well.
+same command again to resume), and so does a SIGTERM at any other time (start-up, restore: a preemption too);
+anything else is a bug in sfd_jax and keeps its traceback, with a one-line summary last (exit 1). The terminal
+shows stage lines, progress and results (`sfd_jax.console.say`) and warnings; library INFO logs go to
+`<run directory>/logs/<command>.log` unless `--verbosity` is given, which shows them as well.
 """
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -42,6 +44,7 @@ def run(main: Callable, *, log_dir: Callable[[], str | None] | None = None, dist
         raise UserError(f"unexpected arguments {argv[1:]}: every input is a --flag (see --help)")
       _quiet_terminal()
       started = start_distributed() if distributed else None
+      storage.check_reachable(*(value for _, value in _url_values(flags.FLAGS)))  # before the first bucket access
       _log_to_file(log_dir() if log_dir else None)
       if started:
         logging.info("%s", started)
@@ -59,7 +62,24 @@ def run(main: Callable, *, log_dir: Callable[[], str | None] | None = None, dist
       print(f"error: {type(e).__name__}: {summary} (a bug in sfd_jax, not in your input: the traceback above shows "
             "where; please report it)", file=sys.stderr, flush=True)
       sys.exit(1)
-  app.run(wrapped, flags_parser=parse_flags)
+  signal.signal(signal.SIGTERM, _stop_on_sigterm)
+  try:
+    app.run(wrapped, flags_parser=parse_flags)
+  except _Stopped:
+    print("preempted: stopped by SIGTERM: run the same command again to resume", file=sys.stderr, flush=True)
+    sys.exit(EXIT_PREEMPTED)
+
+
+class _Stopped(BaseException):
+  """A SIGTERM (a preemption, a supervisor stopping the host) that arrived where nothing handles it in its own way:
+  start-up, restore, compilation, sampling. The training loop notes the signal instead, to finish its step and
+  checkpoint (`training.loop`), and puts this handling back when it ends. A BaseException, so that no `except
+  Exception` on the way (a restore that takes a failed read for a damaged checkpoint) mistakes it for an error."""
+
+
+def _stop_on_sigterm(signum, frame):
+  del signum, frame
+  raise _Stopped()
 
 
 def parse_flags(argv):

@@ -1,24 +1,25 @@
 """Training metrics: throughput and MFU, window averages, and the jsonl / TensorBoard / console writers."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import queue
+import threading
+import time
 
 import jax
 import numpy as np
 
-from sfd_jax import storage
-
-from sfd_jax.plan import PEAK_BF16_FLOPS  # dense bf16 peak per device kind, from the one chip table (plan.CHIPS)
+from sfd_jax import chips, storage
+from sfd_jax.plots import read_jsonl, write_run_plots
 
 
 def peak_flops(device: jax.Device | None = None) -> float | None:
-  """The bf16 peak of a device, or None where unknown (CPUs)."""
-  kind = (device or jax.devices()[0]).device_kind
-  for prefix in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-    if kind.startswith(prefix):
-      return PEAK_BF16_FLOPS[prefix]
-  return None
+  """The dense bf16 peak of a device from the chip table (`sfd_jax.chips`), or None where its kind is not listed
+  (CPUs): no MFU rather than a wrong one."""
+  chip = chips.chip_of((device or jax.devices()[0]).device_kind)
+  return None if chip is None else chip.peak_bf16_flops
 
 
 def mfu(flops_per_step: float, step_seconds: float, num_devices: int, device: jax.Device | None = None):
@@ -28,75 +29,146 @@ def mfu(flops_per_step: float, step_seconds: float, num_devices: int, device: ja
 
 
 class MetricWriter:
-  """Scalars to `metrics.jsonl` and TensorBoard (tensorboardX), images to PNG and TensorBoard; process 0 only.
+  """Scalars to `metrics.jsonl` and TensorBoard (tensorboardX), images to PNG and TensorBoard, and the run's plots
+  (`sfd_jax.plots`); process 0 only.
+
+  The training step never waits on storage (on a pod the other hosts would wait for it at the next collective):
+  `write_*` hand their records to one background thread, which does all of the writer's I/O. It appends each record
+  to the jsonl at once where the workdir is local; a bucket's object cannot be appended to, so there it rewrites
+  the object at most every `upload_every_s` seconds. It redraws the plots from the records it holds (the file is
+  never read back) at most every `plot_every_s` seconds. `flush` (with every checkpoint) and `close` wait for the
+  thread and raise what it failed with; a killed process loses at most the records of the last interval.
 
   On resume the jsonl keeps only the lines up to the restored step, so a run killed between checkpoints logs
-  the steps it redoes once; a line torn by a crash mid-write is dropped. The run's plots (`sfd_jax.plots`) are
-  redrawn from the jsonl as it grows (at most once a minute) and when the writer closes.
+  the steps it redoes once; a line torn by a crash mid-write is dropped.
   """
 
-  def __init__(self, workdir, resume_step: int = 0):
+  def __init__(self, workdir, resume_step: int = 0, upload_every_s: float = 30.0, plot_every_s: float = 60.0):
     self.active = jax.process_index() == 0
     if not self.active:
       return
     import tensorboardX
     self.workdir = storage.path(workdir)
-    self.remote = storage.is_remote(self.workdir)
+    self._remote = storage.is_remote(self.workdir)
     path = self.workdir / "metrics.jsonl"
+    self._records = []  # every record of the run, for the plots; only the writer thread touches it
     if path.exists():
-      records = read_jsonl(path)
-      storage.write_text(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= resume_step))
-    self.jsonl = storage.GrowingTextFile(path)
+      self._records = [r for r in read_jsonl(path) if r["step"] <= resume_step]
+      storage.write_text(path, "".join(json.dumps(r) + "\n" for r in self._records))
+    self._jsonl = storage.GrowingTextFile(path, period_s=upload_every_s)
     # In a bucket every flush uploads the whole event file again: there it happens every minute and on `flush`.
-    self.tb = tensorboardX.SummaryWriter(str(self.workdir / "tensorboard"), flush_secs=60)
-    from sfd_jax.plots import RunPlots
-    self.plots = RunPlots(self.workdir)
+    self._tb = tensorboardX.SummaryWriter(str(self.workdir / "tensorboard"), flush_secs=60)
+    self._plot_every_s, self._plotted, self._plotted_at = plot_every_s, 0, -float("inf")
+    self._jobs, self._error = queue.Queue(), None
+    self._thread = threading.Thread(target=self._work, daemon=True, name="sfd_jax metrics writer")
+    self._thread.start()
 
   def write_scalars(self, step: int, scalars: dict) -> None:
-    if not self.active:
-      return
-    scalars = {k: float(v) for k, v in scalars.items()}
-    self.jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
-    self.jsonl.flush()
-    for key, value in scalars.items():
-      self.tb.add_scalar(key, value, step)
-    if not self.remote:
-      self.tb.flush()
-    self.plots.maybe_update()
+    if self.active:
+      self._submit(functools.partial(self._scalars, {"step": int(step), **{k: float(v) for k, v in scalars.items()}}))
 
   def write_hparams(self, config: dict, metrics: tuple[str, ...]) -> None:
     """The run's config, flattened, for TensorBoard's HParams dashboard, which shows it beside the last values
     of `metrics` (scalar tags of this run)."""
-    if not self.active:
-      return
-    from tensorboardX.summary import hparams
-    for summary in hparams(flat_hparams(config), {tag: 0.0 for tag in metrics}):
-      self.tb.file_writer.add_summary(summary)
-    self.tb.flush()
+    if self.active:
+      self._submit(functools.partial(self._hparams, flat_hparams(config), metrics))
 
   def write_image(self, step: int, name: str, image):
-    """Writes an (H, W, 3) uint8 image as `<workdir>/samples/<name>_<step>.png` and to TensorBoard."""
+    """Writes an (H, W, 3) uint8 image as `<workdir>/samples/<name>_<step>.png` and to TensorBoard; returns the
+    path it will have."""
     if not self.active:
       return None
     path = self.workdir / "samples" / f"{name}_{step:08d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    storage.write_png(path, image)
-    self.tb.add_image(name, np.asarray(image), step, dataformats="HWC")
-    if not self.remote:
-      self.tb.flush()
+    self._submit(functools.partial(self._image, path, step, name, np.array(image)))
     return path
 
   def flush(self) -> None:
     """Everything written so far reaches the files (a bucket's objects too): called with every checkpoint."""
-    if self.active:
-      self.jsonl.flush(force=True)
-      self.tb.flush()
+    if self.active and self._thread.is_alive():
+      self._submit(self._flush)
+      self._jobs.join()
+      self._raise_error()
 
   def close(self) -> None:
-    if self.active:
-      self.jsonl.close()
-      self.tb.close()
-      self.plots.update()
+    """Writes what is left, draws the plots once more, and stops the writer thread."""
+    if self.active and self._thread.is_alive():
+      self._submit(self._close)
+      self._jobs.put(None)
+      self._thread.join()
+      self._raise_error()
+
+  def _submit(self, job) -> None:
+    self._raise_error()
+    self._jobs.put(job)
+
+  def _raise_error(self) -> None:
+    error, self._error = self._error, None
+    if error is not None:
+      raise error
+
+  def _work(self) -> None:
+    """The writer thread: runs the jobs in order; between them (and at least every second) uploads and redraws
+    what is due."""
+    while True:
+      try:
+        job = self._jobs.get(timeout=1.0)
+      except queue.Empty:
+        job = False
+      if job is None:
+        return
+      try:
+        if job:
+          job()
+        self._due()
+      except Exception as e:  # noqa: BLE001 (raised on the caller's thread by its next call)
+        self._error = self._error or e
+      finally:
+        if job:
+          self._jobs.task_done()
+
+  def _due(self) -> None:
+    """The bucket's upload and the plots, where their interval has passed."""
+    self._jsonl.flush()
+    if len(self._records) > self._plotted and time.monotonic() - self._plotted_at >= self._plot_every_s:
+      self._plot()
+
+  def _scalars(self, record: dict) -> None:
+    self._records.append(record)
+    self._jsonl.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+      if key != "step":
+        self._tb.add_scalar(key, value, record["step"])
+    if not self._remote:
+      self._tb.flush()
+
+  def _hparams(self, flat: dict, metrics: tuple[str, ...]) -> None:
+    from tensorboardX.summary import hparams
+    for summary in hparams(flat, {tag: 0.0 for tag in metrics}):
+      self._tb.file_writer.add_summary(summary)
+    self._tb.flush()
+
+  def _image(self, path, step: int, name: str, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_png(path, image)
+    self._tb.add_image(name, image, step, dataformats="HWC")
+    if not self._remote:
+      self._tb.flush()
+
+  def _flush(self) -> None:
+    self._jsonl.flush(force=True)
+    self._tb.flush()
+
+  def _close(self) -> None:
+    self._jsonl.close()
+    self._tb.close()
+    self._plot()
+
+  def _plot(self) -> None:
+    self._plotted, self._plotted_at = len(self._records), time.monotonic()
+    try:
+      write_run_plots(self.workdir, self._records)
+    except OSError as e:  # a full disk or a lost bucket connection costs the pictures, not the run
+      logging.warning("could not write the plots of %s: %s", self.workdir, e)
 
 
 def flat_hparams(config: dict, prefix: str = "") -> dict:
@@ -111,25 +183,6 @@ def flat_hparams(config: dict, prefix: str = "") -> dict:
     else:
       flat[name] = json.dumps(value, default=str)
   return flat
-
-
-def read_jsonl(path) -> list[dict]:
-  """The records of a metrics.jsonl; lines that do not parse (a tail torn by a crash mid-write) are left out, with
-  a warning."""
-  records, torn = [], 0
-  for line in storage.path(path).read_bytes().decode(errors="replace").splitlines():
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      torn += 1
-      continue
-    if isinstance(record, dict) and "step" in record:
-      records.append(record)
-    else:
-      torn += 1
-  if torn:
-    logging.warning("%s: left out %d line(s) that are not complete records (torn by a crash mid-write)", path, torn)
-  return records
 
 
 def average(window: list[dict]) -> dict:
