@@ -99,7 +99,8 @@ def load_encoder(kind: str, path, *, dtype: str | None = None) -> Encoder:
   if not path.exists():
     what = {"texture": "an exported texture VAE or the official LDM .ckpt",
             "dino": "an exported DINOv2, a Hugging Face directory or the facebookresearch .pth",
-            "semvae": "the SemVAE that `python -m sfd_jax.cli.train_semvae` exported"}[kind]
+            "semvae": ("the SemVAE that `python -m sfd_jax.cli.convert --kind=semvae` (the released "
+                       "semantic_ae_final.pt) or `python -m sfd_jax.cli.train_semvae` exported")}[kind]
     raise UserError(f"the {kind} encoder {path} does not exist; pass {what}")
   extra = {}
   if (path / "model.json").exists():
@@ -110,8 +111,9 @@ def load_encoder(kind: str, path, *, dtype: str | None = None) -> Encoder:
   elif kind == "texture":
     model, variables = load_texture_vae(files.SD_VAE_F16D32, 32, load_state_dict(path))
   else:
-    raise UserError(f"{path} is not an exported SemVAE (no model.json); `python -m sfd_jax.cli."
-                    "train_semvae` exports one to <workdir>/semvae")
+    raise UserError(f"{path} is not an exported SemVAE (no model.json); convert the released one with `python -m "
+                    "sfd_jax.cli.convert --kind=semvae --checkpoint=semantic_ae_final.pt --out=DIR`, or train one "
+                    "(`python -m sfd_jax.cli.train_semvae` exports it to <workdir>/semvae)")
   if not isinstance(model, ENCODER_CLASSES[kind]):
     raise UserError(f"{path} holds a {type(model).__name__}, not the {ENCODER_CLASSES[kind].__name__} expected "
                     f"as the {kind} encoder; check the order of the paths")
