@@ -520,7 +520,7 @@ def abstract_batch(cfg, mesh) -> dict:
   m, b = cfg.model, cfg.batch_size
   grid = m.input_size // m.patch_size
   batch = {"x": ((b, m.input_size, m.input_size, m.in_channels), jnp.float32), "y": ((b,), jnp.int32)}
-  if m.use_repa and cfg.loss.repa_weight != 0:
+  if m.use_repa:
     batch["dino"] = ((b, grid * grid, m.repa_z_dim), jnp.float32)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shd.batch_sharding(mesh, len(shape)))
           for k, (shape, dtype) in batch.items()}
@@ -532,8 +532,7 @@ def train_program(cfg, mesh) -> Program:
   tx = state_lib.make_optimizer(cfg.optim)
   abstract, shardings = state_lib.abstract_train_state(model, tx, mesh, cfg.sharding)
   step = step_lib.make_train_step(step_lib.sfd_loss_fn(model, cfg), tx, cfg, mesh, shardings)
-  use_repa = cfg.model.use_repa and cfg.loss.repa_weight != 0
-  flops = 3.0 * model.forward_flops(with_repa=use_repa) * cfg.batch_size
+  flops = 3.0 * model.forward_flops(with_repa=cfg.model.use_repa) * cfg.batch_size
   return Program("train_step", step, (abstract, abstract_batch(cfg, mesh)), cfg.batch_size, flops,
                  cfg.total_steps, f"{cfg.total_steps:,} steps × {cfg.batch_size} images")
 

@@ -363,9 +363,10 @@ class SyntheticLatents:
     return record
 
 
-def normalizer(stats: Mapping, use_dino: bool, use_images: bool = False):
-  """record (+ flip choice) → {'x': (h, w, C) float32 normalised [texture | semantic], 'y', 'index', and 'dino'
-  (stored tokens) and/or 'image' (the stored uint8 image, mirrored for the flipped copy)}."""
+def normalizer(stats: Mapping, use_dino: bool, use_images: bool = False, use_semantic: bool = True):
+  """record (+ flip choice) → {'x': (h, w, C) float32 normalised [texture | semantic] (texture alone without
+  `use_semantic`: the plain LightningDiT), 'y', 'index', and 'dino' (stored tokens) and/or 'image' (the stored
+  uint8 image, mirrored for the flipped copy)}."""
   tex_mean, tex_std = (np.asarray(stats["texture"][k], np.float32) for k in ("mean", "std"))
   sem_mean, sem_std = (np.asarray(stats["semantic"][k], np.float32) for k in ("mean", "std"))
 
@@ -373,7 +374,7 @@ def normalizer(stats: Mapping, use_dino: bool, use_images: bool = False):
     record, flip = item
     suffix = "_flip" if flip else ""
     tex = (np.asarray(record["texture" + suffix], np.float32) - tex_mean) / tex_std
-    sem = (np.asarray(record["semantic" + suffix], np.float32) - sem_mean) / sem_std
+    sem = (np.asarray(record["semantic" + suffix], np.float32) - sem_mean) / sem_std if use_semantic else tex[..., :0]
     out = {"x": np.concatenate([tex, sem], axis=-1), "y": np.int32(record["label"]),
            "index": np.int64(record["index"])}
     if use_dino:
@@ -419,7 +420,7 @@ def host_batches(flat: grain.MapDataset, global_batch_size: int, *, rows: Sequen
 
 
 def latent_pipeline(source, stats: Mapping, *, global_batch_size: int, seed: int, shuffle: bool = True,
-                    flip: bool = True, use_dino: bool = True, use_images: bool = False,
+                    flip: bool = True, use_dino: bool = True, use_images: bool = False, use_semantic: bool = True,
                     num_epochs: int | None = None, rows: Sequence[int] | None = None,
                     start_batch: int = 0, num_workers: int = 0, prefetch: int = 8) -> grain.DatasetIterator:
   """An iterator over this host's `rows` (`sharding.host_rows`; default all) of each global batch, from
@@ -428,13 +429,13 @@ def latent_pipeline(source, stats: Mapping, *, global_batch_size: int, seed: int
   The record order (seeded shuffle, new each epoch, no repeats inside one) and the flip choices are fixed per
   position in one global sequence (see `host_batches`), so the batches a run sees do not depend on how many
   hosts read them. `use_images` passes the stored images on (for a train step that computes DINO tokens from
-  them). `num_epochs=None` repeats forever.
+  them); `use_semantic=False` leaves the semantic latents out of 'x'. `num_epochs=None` repeats forever.
   """
   spec = getattr(source, "spec", {})
   if use_dino and not spec.get("dino_dtype", "float16"):
-    raise DatasetError("this dataset stores no DINO tokens but the loss needs them (REPA weight > 0); "
+    raise DatasetError("this dataset stores no DINO tokens but the loss needs them (model.use_repa); "
                        "re-extract with DINO tokens, compute them from the stored images in the train step, "
-                       "or set loss.repa_weight=0")
+                       "or set model.use_repa=False")
   if use_images and not spec.get("image_size"):
     raise DatasetError("this dataset stores no images; re-extract it with --dino_dtype=none (which stores them)")
   if len(source) < global_batch_size:
@@ -446,4 +447,5 @@ def latent_pipeline(source, stats: Mapping, *, global_batch_size: int, seed: int
   flat = flat.repeat(num_epochs)
   flat = flat.random_map(lambda record, rng: (record, bool(flip and rng.random() < 0.5)))
   return host_batches(flat, global_batch_size, rows=rows, start_batch=start_batch,
-                      transform=normalizer(stats, use_dino, use_images), num_workers=num_workers, prefetch=prefetch)
+                      transform=normalizer(stats, use_dino, use_images, use_semantic), num_workers=num_workers,
+                      prefetch=prefetch)

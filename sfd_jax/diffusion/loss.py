@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from sfd_jax.diffusion.time import interpolate, sample_base_time, stretch
+from sfd_jax.errors import UserError
 
 REPA_MODES = ("cos", "mse", "cos_mse")
 
@@ -41,6 +42,17 @@ def repa_loss(z, dino, mode: str = "cos"):
   return {"cos": cos, "mse": mse, "cos_mse": (cos + mse) / 2}[mode]
 
 
+def _check_repa_targets(dino, shape) -> None:
+  """The REPA targets must be the batch's DINO tokens, one per projected DiT token."""
+  if dino is None:
+    raise UserError("REPA is on but the batch has no 'dino' tokens: give batch['dino'] of shape "
+                    f"{tuple(shape)} (batch, DiT tokens, model.repa_z_dim), or build the model with use_repa=False")
+  if getattr(dino, "shape", None) != tuple(shape):
+    raise UserError(f"batch['dino'] has shape {getattr(dino, 'shape', type(dino).__name__)} but the REPA projector "
+                    f"gives {tuple(shape)} (batch, DiT tokens, model.repa_z_dim): extract the tokens on the DiT's "
+                    "token grid with a DINOv2 of that width")
+
+
 def loss_terms(apply_fn, params, x1, x0, t, y, drop_mask, dino, *, delta_t, semantic_weight, repa_weight,
                num_classes, use_cosine_loss=True, repa_mode="cos", semantic_channels=16):
   """The official loss for fixed draws.
@@ -56,6 +68,7 @@ def loss_terms(apply_fn, params, x1, x0, t, y, drop_mask, dino, *, delta_t, sema
   use_repa = repa_weight != 0
   if use_repa:
     v, z = apply_fn(params, x_t, t_tex, t_sem, labels, return_repa=True)
+    _check_repa_targets(dino, z.shape)
   else:
     v = apply_fn(params, x_t, t_tex, t_sem, labels)
   weights = jnp.where(jnp.arange(x1.shape[-1]) >= x1.shape[-1] - semantic_channels, semantic_weight, 1.0)
@@ -78,19 +91,20 @@ def sample_draws(rng, positions, x_shape, cfg):
   return jax.vmap(one)(positions)
 
 
-def sfd_loss(apply_fn, params, batch, rng, cfg, num_classes: int, positions=None):
-  """(total, metrics) of one batch {'x': (B,H,W,C) normalised latents, 'y': (B,), 'dino': (B,N,D) optional}.
+def sfd_loss(apply_fn, params, batch, rng, cfg, num_classes: int, positions=None, use_repa: bool = True):
+  """(total, metrics) of one batch {'x': (B,H,W,C) normalised latents, 'y': (B,), 'dino': (B,N,D) with REPA}.
 
   `cfg` is the `loss` config (delta_t, semantic_weight, ...); `positions` are the samples' indices within the
-  global batch (default arange(B)), which seed their draws.
+  global batch (default arange(B)), which seed their draws. `use_repa=False` (a model built without the REPA
+  projector) drops the REPA term whatever cfg.repa_weight says.
   """
   x1 = batch["x"].astype(jnp.float32)
   if positions is None:
     positions = jnp.arange(x1.shape[0])
   x0, t, drop = sample_draws(rng, positions, x1.shape, cfg)
   terms = loss_terms(apply_fn, params, x1, x0, t, batch["y"], drop, batch.get("dino"), delta_t=cfg.delta_t,
-                     semantic_weight=cfg.semantic_weight, repa_weight=cfg.repa_weight, num_classes=num_classes,
-                     use_cosine_loss=cfg.use_cosine_loss, repa_mode=cfg.repa_mode,
+                     semantic_weight=cfg.semantic_weight, repa_weight=cfg.repa_weight if use_repa else 0.0,
+                     num_classes=num_classes, use_cosine_loss=cfg.use_cosine_loss, repa_mode=cfg.repa_mode,
                      semantic_channels=cfg.semantic_channels)
   metrics = {f"loss_{k}": jnp.mean(terms[k]) for k in ("mse", "cos", "repa")}
   metrics["loss"] = terms["total"]

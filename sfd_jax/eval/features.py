@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from sfd_jax.data.images import image_shape, read_images
+from sfd_jax.data.images import ArrayImages, image_shape, read_images
 from sfd_jax.errors import UserError
 from sfd_jax.models.inception import InceptionV3
 from sfd_jax.sharding import batch_sharding, check_batch_size, host_rows, make_mesh, replicated, shard_batch, to_host
@@ -41,7 +41,8 @@ def _features(model: InceptionV3, variables, pixels):
 
 
 class FeatureExtractor:
-  """Callable: image source (see `sfd_jax.data.images`) → `Activations`, with a progress bar on process 0."""
+  """Callable: image source (see `sfd_jax.data.images`) or uint8 (N, H, W, 3) array of images → `Activations`, with
+  a progress bar on process 0."""
 
   def __init__(self, model: InceptionV3, variables, mesh=None, per_device_batch: int = 32):
     self.mesh = mesh if mesh is not None else make_mesh()
@@ -59,6 +60,8 @@ class FeatureExtractor:
     return padded
 
   def __call__(self, source, desc: str = "Inception features") -> Activations:
+    if hasattr(source, "shape") and hasattr(source, "dtype"):  # samples in memory, as `open_images` takes them
+      source = ArrayImages(np.asarray(source), name="the image array")
     n = len(source)
     if n == 0:
       raise UserError(f"{getattr(source, 'name', 'the image source')} holds no images")

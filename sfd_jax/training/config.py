@@ -45,10 +45,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.attention_check = True
   c.loss = dict(
       delta_t=0.3,               # semfirst_delta_t: how far semantics run ahead
-      semantic_channels=16,      # the last channels of the latent are semantic
+      semantic_channels=16,      # the last channels of the latent are semantic; 0 is the plain LightningDiT
+                                 # (with model.in_channels = the texture's, delta_t=0, model.dual_timestep=False)
       semantic_weight=2.0,       # β, inside the mean over all channels
       use_cosine_loss=True,
-      repa_weight=1.0,           # λ
+      repa_weight=1.0,           # λ, > 0 where model.use_repa; a run without REPA sets model.use_repa=False
+                                 # (no REPA term, no projector); repa_weight=0 alone is an error saying so
       repa_mode="cos",           # cos | mse | cos_mse
       time_sampling="logit_normal",  # logit_normal | uniform
       logit_mean=0.0,
@@ -87,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample = dict(               # the official inference settings (configs/sfd/*/inference.yaml)
       num_images=16,             # fixed noise and labels, drawn once per run
       labels=(),                 # class ids (cycled); empty: 0, 1, 2, ...
-      method="dopri5",           # dopri5 | euler | heun
+      method="dopri5",           # adaptive: dopri5 | tsit5 | bosh3 | adaptive_heun; official grid: euler | heun
       num_steps=250,             # euler/heun grid points (num_sampling_steps)
       rtol=1e-3,
       atol=1e-6,
@@ -108,7 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
       inception="",              # FID Inception weights; empty: $SFD_INCEPTION_WEIGHTS or the default path
       cfg_scales=(1.0,),         # one evaluation per classifier-free guidance scale; 1 is unguided
       cfg_interval_start=0.0,
-      method="dopri5",           # dopri5 | euler | heun
+      method="dopri5",           # adaptive: dopri5 | tsit5 | bosh3 | adaptive_heun; official grid: euler | heun
       num_steps=250,
       shift=0.0,
       rtol=1e-3,
@@ -167,7 +169,8 @@ VALUE_RANGES = (
 
 
 def check_values(cfg) -> None:
-  """A config value outside its range (e.g. --config.batch_size=0) is a user error naming the field."""
+  """A config value outside its range (e.g. --config.batch_size=0), or SFD fields that contradict each other, is a
+  user error naming the field."""
   for name, low, high in VALUE_RANGES:
     node, *path = name.split(".")
     value = cfg
@@ -181,3 +184,18 @@ def check_values(cfg) -> None:
       if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"in [{low}, {high}]" if high is not None else f"at least {low}"
         raise UserError(f"config.{name}={value} must be {bounds}")
+  if "loss" in cfg and "semantic_channels" in cfg.loss:
+    _check_sfd_fields(cfg.model, cfg.loss)
+
+
+def _check_sfd_fields(model, loss) -> None:
+  """Field combinations that cannot train what they say: each is a user error naming the fix."""
+  if loss.semantic_channels >= model.in_channels:
+    raise UserError(f"config.loss.semantic_channels={loss.semantic_channels} leaves no texture channel of "
+                    f"model.in_channels={model.in_channels}: the latent is [texture | semantic]")
+  if loss.semantic_channels == 0 and (loss.delta_t != 0 or model.dual_timestep):
+    raise UserError("config.loss.semantic_channels=0 (the plain LightningDiT) has no semantic stream to run ahead: "
+                    "set --config.loss.delta_t=0 --config.model.dual_timestep=False")
+  if model.use_repa and loss.repa_weight == 0:
+    raise UserError("config.loss.repa_weight=0 with model.use_repa=True would train an unused REPA projector: for "
+                    "a run without REPA set --config.model.use_repa=False")

@@ -52,7 +52,8 @@ def loss_and_grads(loss_fn: Callable, params, batch, rng, accum_steps: int):
 def sfd_loss_fn(model, cfg) -> Callable:
   """The SFD objective of `cfg.loss` for a LightningDiT, as a `loss_fn` for `train_step`."""
   def loss_fn(params, batch, rng, positions):
-    return sfd_loss(model.apply, {"params": params}, batch, rng, cfg.loss, cfg.model.num_classes, positions)
+    return sfd_loss(model.apply, {"params": params}, batch, rng, cfg.loss, cfg.model.num_classes, positions,
+                    use_repa=model.use_repa)
   return loss_fn
 
 

@@ -32,13 +32,16 @@ def latent_source(data_cfg, model_cfg, loss_cfg):
 
 
 def _check_layout(spec, model_cfg, loss_cfg, path):
-  channels = spec["texture_channels"] + spec["semantic_channels"]
+  """The dataset's latents must be the model's input; with loss.semantic_channels=0 (the plain LightningDiT) its
+  texture latents alone, whatever semantic latents it also stores."""
+  semantic = spec["semantic_channels"] if loss_cfg.semantic_channels else 0
+  channels = spec["texture_channels"] + semantic
   problems = []
   if spec["latent_size"] != model_cfg.input_size:
     problems.append(f"latent size {spec['latent_size']} ≠ model.input_size {model_cfg.input_size}")
   if channels != model_cfg.in_channels:
     problems.append(f"{channels} channels ≠ model.in_channels {model_cfg.in_channels}")
-  if spec["semantic_channels"] != loss_cfg.semantic_channels:
+  if semantic != loss_cfg.semantic_channels:
     problems.append(f"{spec['semantic_channels']} semantic channels ≠ loss.semantic_channels "
                     f"{loss_cfg.semantic_channels}")
   if spec["dino_dtype"] and spec["dino_dim"] != model_cfg.repa_z_dim:
@@ -53,14 +56,15 @@ def sfd_task(cfg, eval_metrics: evaluation.Metrics | None = None) -> loop.Task:
   config_lib.check_values(cfg)
   model = config_lib.build_model(cfg.model)
   source = latent_source(cfg.data, cfg.model, cfg.loss)
-  use_repa = cfg.model.use_repa and cfg.loss.repa_weight != 0
+  use_repa = cfg.model.use_repa
   stored_tokens = bool(source.spec.get("dino_dtype"))
   use_images = use_repa and not stored_tokens
 
   def make_data(rows, start_step):
     return latents_lib.latent_pipeline(
         source, source.stats, global_batch_size=cfg.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
-        flip=cfg.data.flip, use_dino=use_repa and stored_tokens, use_images=use_images, rows=rows,
+        flip=cfg.data.flip, use_dino=use_repa and stored_tokens, use_images=use_images,
+        use_semantic=cfg.loss.semantic_channels > 0, rows=rows,
         start_batch=start_step, num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
 
   preprocess, flops = None, model.forward_flops()
@@ -112,6 +116,7 @@ def sample_hook(cfg, model, stats):
   """Every `sample_every` steps: samples from fixed noise and labels with the EMA params; a PNG grid through the
   texture VAE when one is configured, else the latents' statistics and a picture of three texture channels."""
   n, c_sem = cfg.sample.num_images, cfg.loss.semantic_channels
+  c_tex = model.in_channels - c_sem  # the latent is [texture | semantic]; c_sem = 0 is the plain LightningDiT
   labels = np.asarray([cfg.sample.labels[i % len(cfg.sample.labels)] if cfg.sample.labels else i % model.num_classes
                        for i in range(n)], np.int32)
   z = sampler.noise(jax.random.key(cfg.sample.seed), jnp.arange(n),
@@ -130,7 +135,7 @@ def sample_hook(cfg, model, stats):
                               atol=cfg.sample.atol, semantic_channels=c_sem)
     if vae is None:
       return final
-    texture = denormalize_texture(final, mean, std, 1.0, model.in_channels - c_sem)
+    texture = denormalize_texture(final, mean, std, 1.0, c_tex)
     return to_uint8(vae.model.apply(vae_variables, texture, method=vae.model.decode))
 
   def periodic(state, step, writer):
@@ -138,10 +143,9 @@ def sample_hook(cfg, model, stats):
     if vae is not None:
       writer.write_image(step, "samples", np.asarray(generate.demo_grid(out, labels, min(n, 8))))
       return
-    writer.write_scalars(step, {"sample/texture_mean": out[..., :-c_sem].mean(),
-                                "sample/texture_std": out[..., :-c_sem].std(),
-                                "sample/semantic_mean": out[..., -c_sem:].mean(),
-                                "sample/semantic_std": out[..., -c_sem:].std()})
+    streams = {"texture": out[..., :c_tex], "semantic": out[..., c_tex:]}
+    writer.write_scalars(step, {f"sample/{name}_{stat}": getattr(x, stat)() for name, x in streams.items()
+                                if x.size for stat in ("mean", "std")})
     picture = np.clip((out[..., :3] + 2.5) / 5 * 255, 0, 255).astype(np.uint8)
     writer.write_image(step, "sample_latents", np.asarray(generate.demo_grid(picture, labels, min(n, 8))))
 
