@@ -44,12 +44,14 @@ flags.DEFINE_integer("seed", 0, "Image i's noise and random label are functions 
 flags.DEFINE_string("labels", None, "'balanced' (official FID lists; the default), 'random', or comma-separated "
                     "ids (the default with --demo: the official demo classes for 1000-class models, else 0, 1, ...).")
 flags.DEFINE_integer("fid_num", None, "Balanced labels: the list length (default --num_images).", lower_bound=1)
-flags.DEFINE_enum("method", "dopri5", sampler.METHODS, "ODE solver.")
+flags.DEFINE_enum("method", "dopri5", sampler.METHODS,
+                  "ODE solver: adaptive (dopri5, tsit5, bosh3, adaptive_heun) or the official grid (euler, heun).")
 flags.DEFINE_integer("num_steps", 250, "euler/heun: grid points (the official num_sampling_steps).", lower_bound=2)
 flags.DEFINE_float("shift", 0.0, "euler/heun: timestep shift of the grid (0: none).", lower_bound=0.0)
-flags.DEFINE_float("rtol", 1e-3, "dopri5: relative tolerance.", lower_bound=0.0)
-flags.DEFINE_float("atol", 1e-6, "dopri5: absolute tolerance.", lower_bound=0.0)
-flags.DEFINE_enum("error_norm", "per_sample", sampler.ERROR_NORMS, "dopri5: error norm per sample or per batch.")
+flags.DEFINE_float("rtol", 1e-3, "adaptive solvers: relative tolerance.", lower_bound=0.0)
+flags.DEFINE_float("atol", 1e-6, "adaptive solvers: absolute tolerance.", lower_bound=0.0)
+flags.DEFINE_enum("error_norm", "per_sample", sampler.ERROR_NORMS,
+                  "adaptive solvers: error norm per sample or per batch.")
 flags.DEFINE_float("delta_t", None, "Semantic lead Δ (default: the model's official semfirst_delta_t, or 0.3).",
                    lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_float("cfg_scale", 1.0, "Guidance scale (1: none); CFG unless --guide_model is given.", lower_bound=0.0)

@@ -2,25 +2,33 @@
 
 At τ the model sees `t_sem = min(τ, 1)` and `t_tex = max(τ−Δ, 0)`, and its velocity is masked: texture channels
 move only where τ ≥ Δ, semantic channels only where τ ≤ 1 (both inclusive, as the official code). The field is
-therefore smooth inside each phase [0, Δ], [Δ, 1], [1, 1+Δ] and jumps at their ends.
+therefore smooth inside each phase [0, Δ], [Δ, 1], [1, 1+Δ] and jumps at their ends (`phases`).
 
-- `dopri5`: diffrax Dopri5 with a PID controller, one solve per phase with that phase's constant mask, so no step
-  ever straddles a jump and the model is never evaluated outside [0, 1+Δ]. The raw (unmasked) velocity at a phase
-  end is carried into the next phase as its first-same-as-last stage (the model is continuous there; only the
-  mask jumps). The first phase's first trial step is the whole phase: where the field is nearly linear in τ it
-  costs 6 model calls, and a rejected trial still measures the error from which the controller picks the next
-  step. Each later phase starts with the step the controller would have taken next. The error norm is an RMS
-  over the channels that move, per sample (a sample's result does not depend on its batch-mates; the samples
-  still share every model call, so the slowest sets the count) or over the whole batch (as torchdiffeq).
-  A guidance interval (`guide`) makes the field jump at t = start too; those jumps are left to the controller.
-- `euler` / `heun`: fixed steps on the official float32 grid (`time_grid`), which reproduce the official finals.
+The solver (`solver=` in `sample`, a name in `METHODS` or any explicit Runge–Kutta diffrax solver such as
+`diffrax.Tsit5()`):
+- adaptive ('dopri5', 'tsit5', 'bosh3', 'adaptive_heun', or a solver instance): one diffrax solve per phase
+  with that phase's constant mask and a PID controller, so no step ever straddles a jump and the model is never
+  evaluated outside [0, 1+Δ]. For first-same-as-last solvers
+  (Dopri5, Tsit5, Bosh3) the raw (unmasked) velocity at a phase end is carried into the next phase as its first
+  stage (the model is continuous there; only the mask jumps). The first phase's first trial step is the whole
+  phase: where the field is nearly linear in τ it costs one step, and a rejected trial still measures the error
+  from which the controller picks the next step. Each later phase starts with the step the controller would have
+  taken next. The error norm is an RMS over the channels that move, per sample (a sample's result does not depend
+  on its batch-mates; the samples still share every model call, so the slowest sets the count) or over the whole
+  batch (as torchdiffeq). A guidance interval (`guide`) makes the field jump at t = start too; those jumps are
+  left to the controller.
+- 'euler' / 'heun': fixed steps on the official float32 grid (`time_grid`) with the official masks at the grid
+  points, which reproduce the official finals.
+`method` is the name-only spelling of `solver` that configs and the CLI use (`sample.method`, `--method`).
 
 `velocity_fn(x, t_tex, t_sem, y) -> velocity` (NHWC, times (B,) float32) is any function: the plain model,
 CFG or AutoGuidance (`model_velocity`, `cfg_velocity`, `autoguidance_velocity`). Those three return
-`jax.tree_util.Partial`s whose arrays are traced, so `sample` compiles once per model and setting, not per
-parameter value. `sample` is jitted (`equinox.filter_jit`) and works inside an outer `jax.jit`; arrays sharded
-over the batch (`sharding.shard_batch`) stay sharded, and image i's noise and label depend only on (seed, i)
-(`noise`, `balanced_labels`, `random_labels`).
+`jax.tree_util.Partial`s whose arrays (weights, guidance scales) are traced, so `sample` compiles once per model,
+solver and shape, not per parameter value or scale; Δ is traced too, so a sweep over Δ does not recompile either.
+A velocity function of your own should be a `Partial` of a module-level function for the same reason (a new
+`lambda` is a new function, and `sample` compiles again for it). `sample` is jitted (`equinox.filter_jit`) and
+works inside an outer `jax.jit`; arrays sharded over the batch (`sharding.shard_batch`) stay sharded, and image
+i's noise and label depend only on (seed, i) (`noise`, `balanced_labels`, `random_labels`).
 """
 from __future__ import annotations
 
@@ -36,7 +44,6 @@ from jax.tree_util import Partial
 from sfd_jax import sharding as shd
 from sfd_jax.models.layers import cast_kernels
 
-METHODS = ("dopri5", "euler", "heun")
 ERROR_NORMS = ("per_sample", "batch")
 INTERVAL_MODES = ("both", "tex", "sem")
 
@@ -48,7 +55,7 @@ INTERVAL_MODES = ("both", "tex", "sem")
 def model_times(tau, delta_t: float):
   """(t_tex, t_sem) at global time τ, float32: t_tex = max(τ−Δ, 0), t_sem = min(τ, 1)."""
   tau = jnp.asarray(tau, jnp.float32)
-  return jnp.maximum(tau - np.float32(delta_t), 0.0), jnp.minimum(tau, 1.0)
+  return jnp.maximum(tau - jnp.asarray(delta_t, jnp.float32), 0.0), jnp.minimum(tau, 1.0)
 
 
 def channel_mask(tex_on, sem_on, channels: int, semantic_channels: int):
@@ -80,15 +87,18 @@ def time_grid(delta_t: float, num_steps: int, shift: float = 0.0) -> np.ndarray:
   return t
 
 
-def _phases(delta_t: float) -> list[tuple[float, float, bool, bool]]:
-  """(start, end, texture moves, semantic moves) of every non-empty phase, in order."""
-  cuts = sorted({0.0, float(delta_t), 1.0, 1.0 + delta_t})
-  out = []
-  for a, b in zip(cuts[:-1], cuts[1:]):
-    tex, sem = a >= delta_t, b <= 1.0
-    if b > a and (tex or sem):
-      out.append((a, b, tex, sem))
-  return out
+def phases(delta_t) -> list[tuple[jax.Array, jax.Array, bool, bool]]:
+  """(start, end, texture moves, semantic moves) of the three phases, in order, for a traced or concrete Δ ≥ 0.
+
+  The list's structure is static and its bounds are traced, so one compiled sampler serves every Δ. A phase may
+  be empty (Δ = 0: the first and last; Δ ≥ 1: the middle one), and for Δ > 1 nothing moves on [1, Δ]; the
+  sampler skips empty phases.
+  """
+  delta = jnp.asarray(delta_t, jnp.float32)
+  one = jnp.float32(1.0)
+  return [(jnp.float32(0.0), jnp.minimum(delta, one), False, True),
+          (jnp.minimum(delta, one), one, True, True),
+          (jnp.maximum(delta, one), one + delta, True, False)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -109,9 +119,16 @@ def _apply(model, variables, x, t_tex, t_sem, y):
 def model_velocity(model, variables):
   """velocity_fn of an unguided flax model: `model.apply(variables, x, t_tex, t_sem, y)`.
 
-  The velocity functions hold the matmul weights in the model's compute dtype (`_compute_weights`).
+  A `jax.tree_util.Partial` of a module-level function: `sample` traces its arrays (the weights) and keys its
+  compilation on the rest (the function, the module), so new weights of the same shapes reuse the compiled
+  sampler. The velocity functions hold the matmul weights in the model's compute dtype (`_compute_weights`).
   """
   return Partial(_apply, model, _compute_weights(model, variables))
+
+
+def _traced(value):
+  """A float32 array: `sample` traces arrays held by a velocity function and keys its compilations on the rest."""
+  return jnp.asarray(value, jnp.float32)
 
 
 def _check_interval_mode(mode: str):
@@ -146,9 +163,11 @@ def _cfg(model, variables, scale, null_label, interval_start, interval_mode, sem
 
 def cfg_velocity(model, variables, scale, null_label: int, interval_start: float = 0.0,
                  interval_mode: str = "both", semantic_channels: int = 16):
-  """Classifier-free guidance: one forward of the doubled batch [y | null], then `guide` with one scale."""
+  """Classifier-free guidance: one forward of the doubled batch [y | null], then `guide` with one scale (traced,
+  as `interval_start`: a new value reuses the compiled sampler)."""
   _check_interval_mode(interval_mode)
-  return Partial(_cfg, model, _compute_weights(model, variables), scale, null_label, interval_start, interval_mode, semantic_channels)
+  return Partial(_cfg, model, _compute_weights(model, variables), _traced(scale), null_label,
+                 _traced(interval_start), interval_mode, semantic_channels)
 
 
 def _autoguidance(model, variables, guide_model, guide_variables, scale_tex, scale_sem, interval_start,
@@ -160,11 +179,12 @@ def _autoguidance(model, variables, guide_model, guide_variables, scale_tex, sca
 
 def autoguidance_velocity(model, variables, guide_model, guide_variables, scale_tex, scale_sem,
                           interval_start: float = 0.0, interval_mode: str = "both", semantic_channels: int = 16):
-  """AutoGuidance: a weaker model guides, receiving the *conditional* label; separate texture/semantic scales."""
+  """AutoGuidance: a weaker model guides, receiving the *conditional* label; separate texture/semantic scales
+  (traced, as `interval_start`)."""
   _check_interval_mode(interval_mode)
   return Partial(_autoguidance, model, _compute_weights(model, variables), guide_model,
-                 _compute_weights(guide_model, guide_variables), scale_tex, scale_sem,
-                 interval_start, interval_mode, semantic_channels)
+                 _compute_weights(guide_model, guide_variables), _traced(scale_tex), _traced(scale_sem),
+                 _traced(interval_start), interval_mode, semantic_channels)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -196,6 +216,41 @@ def balanced_labels(key, indices, fid_num: int, num_classes: int):
 # --------------------------------------------------------------------------------------------------------------
 # Solvers.
 
+ADAPTIVE_SOLVERS = {"dopri5": lambda: diffrax.Dopri5(scan_kind="lax"),
+                    "tsit5": lambda: diffrax.Tsit5(scan_kind="lax"),
+                    "bosh3": lambda: diffrax.Bosh3(scan_kind="lax"),
+                    "adaptive_heun": lambda: diffrax.Heun(scan_kind="lax")}
+FIXED_GRIDS = ("euler", "heun")
+METHODS = (*ADAPTIVE_SOLVERS, *FIXED_GRIDS)
+
+
+def resolve_solver(method: str | None = None, solver: str | diffrax.AbstractSolver | None = None):
+  """The adaptive diffrax solver, or the name of an official fixed grid ('euler', 'heun'), chosen by `method` or
+  `solver` (one of them; Dopri5 when neither is given)."""
+  if method is not None and solver is not None:
+    raise ValueError(f"give the solver once: method={method!r} and solver={solver!r} (method is its name-only "
+                     f"spelling)")
+  solver = "dopri5" if method is None and solver is None else (solver if method is None else method)
+  if isinstance(solver, diffrax.AbstractSolver):
+    _calls_per_step(solver)
+    return solver
+  if solver not in METHODS:
+    raise ValueError(f"solver {solver!r} is not one of {METHODS} or a diffrax solver such as diffrax.Tsit5()")
+  return solver if solver in FIXED_GRIDS else ADAPTIVE_SOLVERS[solver]()
+
+
+def _calls_per_step(solver) -> tuple[int, bool]:
+  """(model calls per attempted adaptive step, first-same-as-last): the stages of an explicit Runge–Kutta
+  tableau, less the first where it is the previous step's last."""
+  if isinstance(solver, diffrax.AbstractERK) and isinstance(solver.tableau, diffrax.ButcherTableau):
+    fsal = bool(solver.tableau.fsal)
+    return len(solver.tableau.c) + 1 - fsal, fsal
+  if isinstance(solver, diffrax.Euler):
+    raise ValueError("diffrax.Euler has no error estimate: sample on the official fixed grid with "
+                     "solver='euler' and num_steps")
+  raise ValueError(f"the sampler takes explicit Runge–Kutta diffrax solvers (it counts their model calls), "
+                   f"got {type(solver).__name__}")
+
 
 class _PhaseTerm(diffrax.AbstractTerm):
   """dx/dτ = mask ⊙ F(τ, x). `vf` is the raw velocity F, which the solver's first-same-as-last stage carries
@@ -221,46 +276,57 @@ class _ActiveRMS(eqx.Module):
     return jnp.sqrt(jnp.sum(jnp.square(x)) / (x.size * self.active_fraction))
 
 
-def _next_step(step_ends, start, inv_error):
+def _next_step(step_ends, start, inv_error, error_order):
   """The step the controller would take after a phase's last accepted step (had the phase gone on): its length
-  times min(10, max(1, 0.9·error^(−1/5))). It is the next phase's first trial step."""
+  times min(10, max(1, 0.9·error^(−1/order))). It is the next phase's first trial step."""
   n = jnp.sum(jnp.isfinite(step_ends))
   last = step_ends[n - 1] - jnp.where(n > 1, step_ends[jnp.maximum(n - 2, 0)], start)
-  return last * jnp.clip(0.9 * inv_error ** (1 / 5), 1.0, 10.0)
+  return last * jnp.clip(0.9 * inv_error ** (1 / error_order), 1.0, 10.0)
 
 
-def _fresh_starts(phases) -> np.ndarray:
-  """Whether each phase must evaluate the velocity at its start (the previous phase did not end there)."""
-  return np.array([i == 0 or phases[i - 1][1] != phases[i][0] for i in range(len(phases))])
-
-
-def _dopri5(velocity_fn, z, y, delta_t, rtol, atol, semantic_channels, max_steps):
-  """One solve per phase over the batch z; returns (final, (P, 2) accepted and rejected steps per phase)."""
+def _adaptive(velocity_fn, z, y, delta_t, solver, rtol, atol, semantic_channels, max_steps):
+  """One solve per non-empty phase over the batch z; returns (final, (P, 3) accepted steps, rejected steps and
+  fresh first-stage evaluations per phase)."""
   def velocity(tau, x):
     t_tex, t_sem = model_times(jnp.full((x.shape[0],), tau, jnp.float32), delta_t)
     return velocity_fn(x, t_tex, t_sem, y)
 
-  phases = _phases(delta_t)
-  masks = channel_mask(np.array([p[2] for p in phases]), np.array([p[3] for p in phases]), z.shape[-1],
-                       semantic_channels)
-  xs = (jnp.asarray([p[0] for p in phases], jnp.float32), jnp.asarray([p[1] for p in phases], jnp.float32),
-        masks, jnp.asarray(_fresh_starts(phases)))
+  _, fsal = _calls_per_step(solver)
+  channels = z.shape[-1]
+  moving = [(tex and channels > semantic_channels) or (sem and semantic_channels > 0)
+            for _, _, tex, sem in phases(delta_t)]
+  ps = [p for p, m in zip(phases(delta_t), moving) if m]
+  # A first-same-as-last solver evaluates the velocity at a phase's start unless the last non-empty phase ended
+  # there. Bounds come from Δ alone (never from the samples), so these conditions stay scalar under vmap.
+  fresh, known_at = [], jnp.float32(jnp.nan)
+  for a, b, _, _ in ps:
+    fresh.append(known_at != a)
+    known_at = jnp.where(b > a, b, known_at)
+  masks = channel_mask(np.array([p[2] for p in ps]), np.array([p[3] for p in ps]), channels, semantic_channels)
+  xs = (jnp.stack([p[0] for p in ps]), jnp.stack([p[1] for p in ps]), masks, jnp.stack(fresh))
+  order = solver.error_order(_PhaseTerm(velocity, masks[0]))
 
-  def phase(carry, xs):
+  def solve(carry, a, b, mask, fresh):
     x, f, proposal = carry
-    a, b, mask, fresh = xs
-    f = jax.lax.cond(fresh, lambda: velocity(a, x), lambda: f)
-    norm = _ActiveRMS(jnp.mean(mask))
+    solver_state = None
+    if fsal:
+      f = jax.lax.cond(fresh, lambda: velocity(a, x), lambda: f)
+      solver_state = (jnp.array(False), f)
     steps_at = diffrax.SubSaveAt(steps=True, fn=lambda t, y, args: None)
     sol = diffrax.diffeqsolve(
-        _PhaseTerm(velocity, mask), diffrax.Dopri5(scan_kind="lax"), a, b, jnp.minimum(b - a, proposal), x,
-        solver_state=(jnp.array(False), f),
+        _PhaseTerm(velocity, mask), solver, a, b, jnp.minimum(b - a, proposal), x, solver_state=solver_state,
         saveat=diffrax.SaveAt(subs=[diffrax.SubSaveAt(t1=True), steps_at], solver_state=True,
                               controller_state=True),
-        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, norm=norm),
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, norm=_ActiveRMS(jnp.mean(mask))),
         max_steps=max_steps, adjoint=diffrax.ForwardMode())
-    steps = jnp.stack([sol.stats["num_accepted_steps"], sol.stats["num_rejected_steps"]])
-    return (sol.ys[0][0], sol.solver_state[1], _next_step(sol.ts[1], a, sol.controller_state[0])), steps
+    f = sol.solver_state[1] if fsal else f
+    steps = jnp.stack([sol.stats["num_accepted_steps"], sol.stats["num_rejected_steps"], fsal & fresh])
+    return (sol.ys[0][0], f, _next_step(sol.ts[1], a, sol.controller_state[0], order)), steps
+
+  def phase(carry, xs):
+    a, b, mask, fresh = xs
+    skip = lambda carry, *_: (carry, jnp.zeros(3, jnp.int32))
+    return jax.lax.cond(b > a, solve, skip, carry, a, b, mask, fresh)
 
   # One traced solve serves every phase (a scan), so the model is compiled into it once.
   carry = (z, jnp.zeros_like(z), jnp.array(jnp.inf, jnp.float32))
@@ -268,26 +334,25 @@ def _dopri5(velocity_fn, z, y, delta_t, rtol, atol, semantic_channels, max_steps
   return final, steps
 
 
-def _fixed_grid(velocity_fn, z, y, grid: np.ndarray, delta_t, method, semantic_channels):
-  """Euler / Heun on `grid`, with the masks and times of the left (and, for Heun, right) grid point."""
+def _fixed_grid(velocity_fn, z, y, grid, delta_t, euler: bool, semantic_channels):
+  """Euler / Heun on the official grid (left ends, right ends, steps), with the masks and times of the left (and,
+  for Heun, right) grid point."""
   channels = z.shape[-1]
-  f32 = np.float32
 
   def drift(tau, x):
     t_tex, t_sem = model_times(jnp.full((x.shape[0],), tau, jnp.float32), delta_t)
-    mask = channel_mask(tau >= f32(delta_t), tau <= 1.0, channels, semantic_channels)
+    mask = channel_mask(tau >= delta_t, tau <= 1.0, channels, semantic_channels)
     return velocity_fn(x, t_tex, t_sem, y) * mask
 
   def step(x, xs):
     t0, t1, dt = xs
     k1 = drift(t0, x)
-    if method == "euler":
+    if euler:
       return x + dt * k1, None
     k2 = drift(t1, x + dt * k1)
     return x + dt * 0.5 * (k1 + k2), None
 
-  xs = (jnp.asarray(grid[:-1]), jnp.asarray(grid[1:]), jnp.asarray(np.diff(grid).astype(f32)))
-  final, _ = jax.lax.scan(step, z, xs)
+  final, _ = jax.lax.scan(step, z, grid)
   return final
 
 
@@ -299,55 +364,73 @@ def _batch_axes(batch: int):
   return None if mesh.empty or batch % shd.batch_devices(mesh) else shd.BATCH_AXES
 
 
-def _check(z, y, delta_t, method, num_steps, error_norm, semantic_channels):
-  if method not in METHODS:
-    raise ValueError(f"sampling method {method!r} is not one of {METHODS}")
+def _check(z, y, delta_t, solver, num_steps, error_norm, semantic_channels):
   if error_norm not in ERROR_NORMS:
     raise ValueError(f"error_norm {error_norm!r} is not one of {ERROR_NORMS}")
-  if method != "dopri5" and num_steps is None:
-    raise ValueError(f"method {method!r} needs num_steps (grid points, as the official num_sampling_steps)")
-  if delta_t < 0:
+  fixed = solver in FIXED_GRIDS
+  if fixed and num_steps is None:
+    raise ValueError(f"method {solver!r} needs num_steps (grid points, as the official num_sampling_steps)")
+  if isinstance(delta_t, jax.core.Tracer):
+    if fixed:
+      raise ValueError("the official fixed grid is computed on the host: give delta_t as a number, not a traced "
+                       "value")
+  elif delta_t < 0:
     raise ValueError(f"delta_t={delta_t} must be ≥ 0 (0 is the ordinary sampler)")
-  if z.ndim != 4 or not 0 < semantic_channels <= z.shape[-1]:
-    raise ValueError(f"z must be NHWC latents (B, H, W, C) with C ≥ semantic_channels={semantic_channels}, "
+  if z.ndim != 4 or not 0 <= semantic_channels <= z.shape[-1]:
+    raise ValueError(f"z must be NHWC latents (B, H, W, C) with C ≥ semantic_channels={semantic_channels} ≥ 0, "
                      f"got shape {z.shape}")
   if y.shape != z.shape[:1]:
     raise ValueError(f"y must hold one label per sample: shape ({z.shape[0]},), got {y.shape}")
 
 
-@eqx.filter_jit
-def sample(velocity_fn, z, y, delta_t: float = 0.3, method: str = "dopri5", num_steps: int | None = None,
-           shift: float = 0.0, rtol: float = 1e-3, atol: float = 1e-6, *, error_norm: str = "per_sample",
+def sample(velocity_fn, z, y, delta_t=0.3, method: str | None = None, num_steps: int | None = None,
+           shift: float = 0.0, rtol: float = 1e-3, atol: float = 1e-6, *,
+           solver: str | diffrax.AbstractSolver | None = None, error_norm: str = "per_sample",
            semantic_channels: int = 16, max_steps: int = 4096):
   """Integrates the masked three-phase ODE from noise `z` (τ = 0) to τ = 1+Δ; returns (final, stats).
 
-  `method`: 'dopri5' (adaptive; `rtol`, `atol`, `error_norm` 'per_sample' or 'batch', at most `max_steps`
-  steps per phase) or 'euler' / 'heun' on `time_grid(delta_t, num_steps, shift)`. `stats`: `model_calls` (the
-  number of velocity_fn evaluations, each on the whole batch), and per sample `accepted_steps` and
-  `rejected_steps`.
+  `solver`: a name in `METHODS` or an explicit Runge–Kutta diffrax solver instance (`diffrax.Tsit5()`, ...);
+  `method` is the same choice by name (give one of the two). 'dopri5' (the default), 'tsit5', 'bosh3',
+  'adaptive_heun' and solver instances step adaptively, phase by phase (`rtol`, `atol`, `error_norm`
+  'per_sample' or 'batch', at most `max_steps` steps per phase; `num_steps` and `shift` unused); 'euler' and
+  'heun' run on the official `time_grid(delta_t, num_steps, shift)`. `delta_t` may be a traced value (adaptive
+  only); a new Δ reuses the compiled sampler either way.
+  `stats`: `model_calls` (the number of velocity_fn evaluations, each on the whole batch), and per sample
+  `accepted_steps` and `rejected_steps`.
   """
+  solver = resolve_solver(method, solver)
   z = jnp.asarray(z, jnp.float32)
   y = jnp.asarray(y)
-  _check(z, y, delta_t, method, num_steps, error_norm, semantic_channels)
+  _check(z, y, delta_t, solver, num_steps, error_norm, semantic_channels)
+  grid = None
+  if solver in FIXED_GRIDS:
+    t = time_grid(float(delta_t), num_steps, shift)
+    grid = (jnp.asarray(t[:-1]), jnp.asarray(t[1:]), jnp.asarray(np.diff(t).astype(np.float32)))
+  return _sample(velocity_fn, z, y, jnp.asarray(delta_t, jnp.float32), grid, solver, rtol, atol, error_norm,
+                 semantic_channels, max_steps)
+
+
+@eqx.filter_jit
+def _sample(velocity_fn, z, y, delta_t, grid, solver, rtol, atol, error_norm, semantic_channels, max_steps):
   b = z.shape[0]
-  if method != "dopri5":
-    grid = time_grid(delta_t, num_steps, shift)
-    final = _fixed_grid(velocity_fn, z, y, grid, delta_t, method, semantic_channels)
-    steps = num_steps - 1
-    calls = steps if method == "euler" else 2 * steps
+  if grid is not None:
+    final = _fixed_grid(velocity_fn, z, y, grid, delta_t, solver == "euler", semantic_channels)
+    steps = grid[0].shape[0]
+    calls = steps if solver == "euler" else 2 * steps
     return final, {"model_calls": jnp.asarray(calls, jnp.int32),
                    "accepted_steps": jnp.full((b,), steps, jnp.int32), "rejected_steps": jnp.zeros((b,), jnp.int32)}
-  solve = lambda z_, y_: _dopri5(velocity_fn, z_, y_, delta_t, rtol, atol, semantic_channels, max_steps)
+  solve = lambda z_, y_: _adaptive(velocity_fn, z_, y_, delta_t, solver, rtol, atol, semantic_channels, max_steps)
   if error_norm == "batch":
     final, steps = solve(z, y)
     steps = jnp.broadcast_to(steps, (b, *steps.shape))
   else:
     final, steps = jax.vmap(lambda zi, yi: solve(zi[None], yi[None]), spmd_axis_name=_batch_axes(b))(z, y)
     final = final[:, 0]
-  # Per phase: the velocity at its start where the previous phase did not end there, and 6 stages per attempted
-  # step. The samples step together (one batched call per stage), so the slowest sample of a phase sets its count.
-  phases = _phases(delta_t)
-  attempts = jnp.max(steps.sum(-1), axis=0)
-  calls = int(_fresh_starts(phases).sum()) + 6 * jnp.sum(attempts)
+  # Per phase: the first-same-as-last velocity at its start where the previous phase did not end there, and the
+  # solver's stages per attempted step. The samples step together (one batched call per stage), so the slowest
+  # sample of a phase sets its count.
+  per_step, _ = _calls_per_step(solver)
+  attempts = jnp.max(steps[..., 0] + steps[..., 1], axis=0)
+  calls = jnp.sum(jnp.max(steps[..., 2], axis=0)) + per_step * jnp.sum(attempts)
   return final, {"model_calls": calls.astype(jnp.int32), "accepted_steps": steps[..., 0].sum(-1),
                  "rejected_steps": steps[..., 1].sum(-1)}
