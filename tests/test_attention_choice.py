@@ -178,7 +178,7 @@ def test_check_stops_a_kernel_that_drops_a_head(monkeypatch, tiny_dit):
 # ---------------------------------------------------------------------------------------------------------------
 # A batch the devices do not divide (issue: the kernels computed all of it on every device).
 
-ABSTRACT_MESH = jax.sharding.AbstractMesh((2, 2), ("data", "fsdp"))
+ABSTRACT_MESH = jax.sharding.AbstractMesh((2, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def _jaxpr(fn, batch):
