@@ -10,7 +10,6 @@ shows stage lines, progress and results (`sfd_jax.console.say`) and warnings; li
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import traceback
@@ -66,13 +65,9 @@ def run(main: Callable, *, log_dir: Callable[[], str | None] | None = None, dist
   signal.signal(signal.SIGTERM, _stop_on_sigterm)
   try:
     app.run(wrapped, flags_parser=parse_flags)
-  except _Stopped:  # the `finally`s on its way here have run; a thread it left waiting must not hold the exit
-    sys.stderr.write("preempted: stopped by SIGTERM: run the same command again to resume\n")
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(EXIT_PREEMPTED)
-  finally:  # the command has ended: a SIGTERM now would only interrupt the interpreter's exit
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  except _Stopped:
+    print("preempted: stopped by SIGTERM: run the same command again to resume", file=sys.stderr, flush=True)
+    sys.exit(EXIT_PREEMPTED)
 
 
 class _Stopped(BaseException):
