@@ -79,7 +79,6 @@ class _Stopped(BaseException):
 
 def _stop_on_sigterm(signum, frame):
   del signum, frame
-  signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough: a second signal must not cut the exit short
   raise _Stopped()
 
 
