@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,13 +96,20 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):
 def test_sigterm_during_the_last_save_leaves_it_complete(tmp_path):
   worker = subprocess.Popen(command(tmp_path, "total_steps=30", *STEPS), env=subprocess_env(1),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  err_lines = []  # read all along: a full pipe would block the worker's writes and hang both
+  reader = threading.Thread(target=lambda: err_lines.extend(worker.stderr), daemon=True)
+  reader.start()
   for line in worker.stdout:
     if line.startswith("step 30/30"):  # the last step is done; its checkpoint is being written
       break
-  while worker.poll() is None:  # signal after signal until the process is gone
+  threading.Thread(target=worker.stdout.read, daemon=True).start()
+  deadline = time.monotonic() + 300
+  while worker.poll() is None and time.monotonic() < deadline:  # signal after signal until the process is gone
     worker.send_signal(signal.SIGTERM)
     time.sleep(0.02)
-  _, err = worker.communicate(timeout=300)
+  worker.wait(timeout=30)
+  reader.join(timeout=30)
+  err = "".join(err_lines)
   assert worker.returncode == 75 and "preempted" in err, err[-3000:]
   assert final_state(tmp_path)[0] == 30
   again = subprocess.run(command(tmp_path, "total_steps=30", *STEPS), env=subprocess_env(1), capture_output=True,

@@ -69,7 +69,8 @@ class _StopRequest:
 
   def _handle(self, signum, frame):
     del frame
-    logging.warning("received signal %d: finishing the current step and its checkpoint, then stopping", signum)
+    if not self.requested:  # once: a supervisor may repeat the signal many times a second
+      logging.warning("received signal %d: finishing the current step and its checkpoint, then stopping", signum)
     self.requested = True
 
   def __exit__(self, *exc):
