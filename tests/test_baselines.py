@@ -13,6 +13,7 @@ from ml_collections import ConfigDict
 
 from sfd_jax.convert import export
 from sfd_jax.diffusion import loss as loss_lib
+from sfd_jax.diffusion.schedule import Offset
 from sfd_jax.errors import UserError
 from sfd_jax.models.texture_vae import AutoencoderKL
 from sfd_jax.training import config as config_lib
@@ -134,7 +135,7 @@ def _repa_terms(dino):
   x1 = jnp.ones((2, 2, 2, 48))
   apply_fn = lambda params, x, t_tex, t_sem, y, return_repa: (jnp.zeros_like(x), jnp.ones((2, 4, 8)))
   return loss_lib.loss_terms(apply_fn, None, x1, jnp.zeros_like(x1), jnp.full((2,), 0.5), jnp.zeros((2,), jnp.int32),
-                             jnp.zeros((2,), bool), dino, delta_t=0.3, semantic_weight=2.0, repa_weight=1.0,
+                             jnp.zeros((2,), bool), dino, schedule=Offset(0.3), semantic_weight=2.0, repa_weight=1.0,
                              num_classes=10)
 
 

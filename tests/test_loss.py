@@ -1,4 +1,4 @@
-"""The pieces of the SFD objective: time stretch, torch-exact cosine, REPA modes, per-sample draws."""
+"""The pieces of the SFD objective: the offset's training times, torch-exact cosine, REPA modes, per-sample draws."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -7,16 +7,17 @@ import pytest
 torch = pytest.importorskip("torch")  # the torch extra; only the Python 3.13 tier runs without it
 
 from sfd_jax.diffusion.loss import cosine_similarity, repa_loss, sample_draws
-from sfd_jax.diffusion.time import interpolate, sample_base_time, stretch
+from sfd_jax.diffusion.schedule import Offset
+from sfd_jax.diffusion.time import interpolate, sample_base_time
 from sfd_jax.training.config import base_config
 
 
-def test_stretch_and_delta_zero():
+def test_offset_train_times_and_delta_zero():
   t = jnp.array([0.0, 0.1, 0.5, 0.9, 1.0])
-  t_tex, t_sem = stretch(t, 0.3)
+  t_tex, t_sem = Offset(0.3).train_times(t)
   np.testing.assert_allclose(t_sem, np.minimum(1.3 * t, 1), atol=1e-7)
   np.testing.assert_allclose(t_tex, np.maximum(1.3 * t - 0.3, 0), atol=1e-7)
-  t_tex, t_sem = stretch(t, 0.0)  # synchronous flow matching
+  t_tex, t_sem = Offset(0.0).train_times(t)  # synchronous flow matching
   np.testing.assert_array_equal(t_tex, t)
   np.testing.assert_array_equal(t_sem, t)
   x1, x0 = jnp.ones((5, 2, 2, 4)), jnp.zeros((5, 2, 2, 4))

@@ -1,16 +1,19 @@
-"""The three-phase SFD sampler: one ODE over global time τ ∈ [0, 1+Δ] from noise (τ=0) to data.
+"""The SFD sampler: one ODE over the schedule's global time τ ∈ [0, end] from noise (τ=0) to data.
 
-At τ the model sees `t_sem = min(τ, 1)` and `t_tex = max(τ−Δ, 0)`, and its velocity is masked: texture channels
-move only where τ ≥ Δ, semantic channels only where τ ≤ 1 (both inclusive, as the official code). The field is
-therefore smooth inside each phase [0, Δ], [Δ, 1], [1, 1+Δ] and jumps at their ends (`phases`).
+At τ the model sees the schedule's times (t_tex, t_sem) (`diffusion.schedule`), and each stream moves at its
+time's rate: dx_k/dτ = ṫ_k(τ)·v_k. For SFD's offset Δ (the default, `Offset`) that is the official three-phase
+sampler: t_sem = min(τ, 1), t_tex = max(τ−Δ, 0), texture channels move only where τ ≥ Δ, semantic channels only
+where τ ≤ 1 (both inclusive, as the official code); the field is smooth inside each phase [0, Δ], [Δ, 1],
+[1, 1+Δ] and jumps at their ends. Any schedule's phases are the cells between its `breakpoints` (`phases`).
 
 The solver (`solver=` in `sample`, a name in `METHODS` or any explicit Runge–Kutta diffrax solver such as
 `diffrax.Tsit5()`):
 - adaptive ('dopri5', 'tsit5', 'bosh3', 'adaptive_heun', or a solver instance): one diffrax solve per phase
-  with that phase's constant mask and a PID controller, so no step ever straddles a jump and the model is never
-  evaluated outside [0, 1+Δ]. For first-same-as-last solvers
-  (Dopri5, Tsit5, Bosh3) the raw (unmasked) velocity at a phase end is carried into the next phase as its first
-  stage (the model is continuous there; only the mask jumps). The first phase's first trial step is the whole
+  with that phase's rates and a PID controller, so no step ever straddles a jump and the model is never
+  evaluated outside [0, end]; a phase where nothing moves is skipped. For first-same-as-last solvers
+  (Dopri5, Tsit5, Bosh3) and schedules with constant rates per phase (all but `schedule.Function`) the raw
+  velocity at a phase end is carried into the next phase as its first stage (the model is continuous there; only
+  the rates jump). The first phase's first trial step is the whole
   phase: where the field is nearly linear in τ it costs one step, and a rejected trial still measures the error
   from which the controller picks the next step. Each later phase starts with the step the controller would have
   taken next. The error norm is an RMS over the channels that move, per sample (a sample's result does not depend
@@ -18,13 +21,15 @@ The solver (`solver=` in `sample`, a name in `METHODS` or any explicit Runge–K
   batch (as torchdiffeq). A guidance interval (`guide`) makes the field jump at t = start too; those jumps are
   left to the controller.
 - 'euler' / 'heun': fixed steps on the official float32 grid (`time_grid`) with the official masks at the grid
-  points, which reproduce the official finals.
+  points, which reproduce the official finals (other schedules: the same grid over [0, end], each point with the
+  rates of the phase it starts).
 `method` is the name-only spelling of `solver` that configs and the CLI use (`sample.method`, `--method`).
 
 `velocity_fn(x, t_tex, t_sem, y) -> velocity` (NHWC, times (B,) float32) is any function: the plain model,
 CFG or AutoGuidance (`model_velocity`, `cfg_velocity`, `autoguidance_velocity`). Those three return
 `jax.tree_util.Partial`s whose arrays (weights, guidance scales) are traced, so `sample` compiles once per model,
-solver and shape, not per parameter value or scale; Δ is traced too, so a sweep over Δ does not recompile either.
+solver and shape, not per parameter value or scale; the schedule's numbers (Δ, knots, learned parameters) are
+traced too, so a sweep over Δ does not recompile either.
 A velocity function of your own should be a `Partial` of a module-level function for the same reason (a new
 `lambda` is a new function, and `sample` compiles again for it). `sample` is jitted (`equinox.filter_jit`) and
 works inside an outer `jax.jit`; arrays sharded over the batch (`sharding.shard_batch`) stay sharded, and image
@@ -42,6 +47,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from sfd_jax import sharding as shd
+from sfd_jax.diffusion import schedule as schedule_lib
 from sfd_jax.models.layers import cast_kernels
 
 ERROR_NORMS = ("per_sample", "batch")
@@ -52,19 +58,6 @@ INTERVAL_MODES = ("both", "tex", "sem")
 # Time: phases, the official grid, the model's two times.
 
 
-def model_times(tau, delta_t: float):
-  """(t_tex, t_sem) at global time τ, float32: t_tex = max(τ−Δ, 0), t_sem = min(τ, 1)."""
-  tau = jnp.asarray(tau, jnp.float32)
-  return jnp.maximum(tau - jnp.asarray(delta_t, jnp.float32), 0.0), jnp.minimum(tau, 1.0)
-
-
-def channel_mask(tex_on, sem_on, channels: int, semantic_channels: int):
-  """(…, C) float32 mask: 1 on the texture channels [0, C−S) where `tex_on`, on the semantic ones where `sem_on`."""
-  is_sem = np.arange(channels) >= channels - semantic_channels
-  tex_on, sem_on = jnp.asarray(tex_on)[..., None], jnp.asarray(sem_on)[..., None]
-  return jnp.where(is_sem, sem_on, tex_on).astype(jnp.float32)
-
-
 def time_grid(delta_t: float, num_steps: int, shift: float = 0.0) -> np.ndarray:
   """The official float32 grid `torch.linspace(0, 1+Δ, num_steps)` bit for bit, then the timestep shift.
 
@@ -73,9 +66,13 @@ def time_grid(delta_t: float, num_steps: int, shift: float = 0.0) -> np.ndarray:
   exact here (every product fits in 53 bits). The shift maps u = t/(1+Δ) to s·u/(1+(s−1)·u), one float32
   operation at a time, as the official code.
   """
+  return _grid(np.float32(1.0 + delta_t), num_steps, shift)
+
+
+def _grid(end: np.float32, num_steps: int, shift: float) -> np.ndarray:
+  """`time_grid` over [0, end]."""
   if num_steps < 2:
     raise ValueError(f"num_steps={num_steps}: a fixed-step sampler needs at least 2 grid points (1 step)")
-  end = np.float32(1.0 + delta_t)
   step = np.float64(np.float32(end / np.float32(num_steps - 1)))
   i = np.arange(num_steps, dtype=np.float64)
   t = np.where(i < num_steps // 2, step * i, np.float64(end) - step * (num_steps - 1 - i)).astype(np.float32)
@@ -87,18 +84,21 @@ def time_grid(delta_t: float, num_steps: int, shift: float = 0.0) -> np.ndarray:
   return t
 
 
-def phases(delta_t) -> list[tuple[jax.Array, jax.Array, bool, bool]]:
-  """(start, end, texture moves, semantic moves) of the three phases, in order, for a traced or concrete Δ ≥ 0.
+def phases(schedule) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(starts, stops, texture rates, semantic rates) of the schedule's phases, each (P,): the cells between its
+  breakpoints, with the rates inside each (exact for schedules with constant rates per phase). The count is static
+  and the numbers traced, so one compiled sampler serves every Δ. A phase may be empty (Δ = 0: the first and
+  last) or frozen (Δ > 1: nothing moves on [1, Δ]); the sampler skips both."""
+  points = schedule.breakpoints()
+  starts, stops = points[:-1], points[1:]
+  r_tex, r_sem = jax.vmap(lambda a, b: schedule.rates((a + b) / 2, a, b))(starts, stops)
+  return starts, stops, r_tex, r_sem
 
-  The list's structure is static and its bounds are traced, so one compiled sampler serves every Δ. A phase may
-  be empty (Δ = 0: the first and last; Δ ≥ 1: the middle one), and for Δ > 1 nothing moves on [1, Δ]; the
-  sampler skips empty phases.
-  """
-  delta = jnp.asarray(delta_t, jnp.float32)
-  one = jnp.float32(1.0)
-  return [(jnp.float32(0.0), jnp.minimum(delta, one), False, True),
-          (jnp.minimum(delta, one), one, True, True),
-          (jnp.maximum(delta, one), one + delta, True, False)]
+
+def rate_vector(r_tex, r_sem, channels: int, semantic_channels: int):
+  """(…, C) float32: each channel's rate (texture channels [0, C−S), semantic the last S)."""
+  is_sem = np.arange(channels) >= channels - semantic_channels
+  return jnp.where(is_sem, jnp.asarray(r_sem)[..., None], jnp.asarray(r_tex)[..., None]).astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -253,19 +253,22 @@ def _calls_per_step(solver) -> tuple[int, bool]:
 
 
 class _PhaseTerm(diffrax.AbstractTerm):
-  """dx/dτ = mask ⊙ F(τ, x). `vf` is the raw velocity F, which the solver's first-same-as-last stage carries
-  from one phase into the next (F is continuous across the jumps; only the mask changes); `prod` masks it."""
+  """dx/dτ = rate ⊙ F(τ, x). With constant rates per phase, `vf` is the raw velocity F, which the solver's
+  first-same-as-last stage carries from one phase into the next (F is continuous across the jumps; only the rates
+  change), and `prod` applies the rates; otherwise (`rate_at` given) `vf` applies the rates at τ."""
   velocity: Callable
-  mask: jax.Array
+  rate: jax.Array
+  rate_at: Callable | None = None
 
   def vf(self, t, y, args):
-    return self.velocity(t, y)
+    v = self.velocity(t, y)
+    return v if self.rate_at is None else self.rate_at(t) * v
 
   def contr(self, t0, t1, **kwargs):
     return t1 - t0
 
   def prod(self, vf, control):
-    return self.mask * vf * control
+    return (vf if self.rate_at is not None else self.rate * vf) * control
 
 
 class _ActiveRMS(eqx.Module):
@@ -284,49 +287,58 @@ def _next_step(step_ends, start, inv_error, error_order):
   return last * jnp.clip(0.9 * inv_error ** (1 / error_order), 1.0, 10.0)
 
 
-def _adaptive(velocity_fn, z, y, delta_t, solver, rtol, atol, semantic_channels, max_steps):
-  """One solve per non-empty phase over the batch z; returns (final, (P, 3) accepted steps, rejected steps and
+def _adaptive(velocity_fn, z, y, schedule, solver, rtol, atol, semantic_channels, max_steps):
+  """One solve per phase that moves, over the batch z; returns (final, (P, 3) accepted steps, rejected steps and
   fresh first-stage evaluations per phase)."""
   def velocity(tau, x):
-    t_tex, t_sem = model_times(jnp.full((x.shape[0],), tau, jnp.float32), delta_t)
+    t_tex, t_sem = schedule.times(jnp.full((x.shape[0],), tau, jnp.float32))
     return velocity_fn(x, t_tex, t_sem, y)
 
   _, fsal = _calls_per_step(solver)
   channels = z.shape[-1]
-  moving = [(tex and channels > semantic_channels) or (sem and semantic_channels > 0)
-            for _, _, tex, sem in phases(delta_t)]
-  ps = [p for p, m in zip(phases(delta_t), moving) if m]
-  # A first-same-as-last solver evaluates the velocity at a phase's start unless the last non-empty phase ended
-  # there. Bounds come from Δ alone (never from the samples), so these conditions stay scalar under vmap.
+  starts, stops, r_tex, r_sem = phases(schedule)
+  rates = rate_vector(r_tex, r_sem, channels, semantic_channels)
+  active = jnp.mean((rates != 0).astype(jnp.float32), axis=-1)  # the fraction of the channels that move
+  solved = (stops > starts) & (active > 0)
+  carry_velocity = schedule.constant_rates
+  # A first-same-as-last solver evaluates the velocity at a phase's start unless the last solved phase ended there
+  # (and the rates are constant per phase, so that the carried value is the raw velocity). Bounds come from the
+  # schedule alone (never from the samples), so these conditions stay scalar under vmap.
   fresh, known_at = [], jnp.float32(jnp.nan)
-  for a, b, _, _ in ps:
-    fresh.append(known_at != a)
-    known_at = jnp.where(b > a, b, known_at)
-  masks = channel_mask(np.array([p[2] for p in ps]), np.array([p[3] for p in ps]), channels, semantic_channels)
-  xs = (jnp.stack([p[0] for p in ps]), jnp.stack([p[1] for p in ps]), masks, jnp.stack(fresh))
-  order = solver.error_order(_PhaseTerm(velocity, masks[0]))
+  for i in range(starts.shape[0]):
+    fresh.append((known_at != starts[i]) | (not carry_velocity))
+    known_at = jnp.where(solved[i], stops[i], known_at)
+  xs = (starts, stops, rates, active, solved, jnp.stack(fresh))
 
-  def solve(carry, a, b, mask, fresh):
+  def rate_at_of(a, b):
+    if carry_velocity:
+      return None
+    return lambda tau: rate_vector(*schedule.rates(tau, a, b), channels, semantic_channels)
+
+  order = solver.error_order(_PhaseTerm(velocity, rates[0]))
+
+  def solve(carry, a, b, rate, active, fresh):
     x, f, proposal = carry
+    term = _PhaseTerm(velocity, rate, rate_at_of(a, b))
     solver_state = None
     if fsal:
-      f = jax.lax.cond(fresh, lambda: velocity(a, x), lambda: f)
+      f = jax.lax.cond(fresh, lambda: term.vf(a, x, None), lambda: f)
       solver_state = (jnp.array(False), f)
     steps_at = diffrax.SubSaveAt(steps=True, fn=lambda t, y, args: None)
     sol = diffrax.diffeqsolve(
-        _PhaseTerm(velocity, mask), solver, a, b, jnp.minimum(b - a, proposal), x, solver_state=solver_state,
+        term, solver, a, b, jnp.minimum(b - a, proposal), x, solver_state=solver_state,
         saveat=diffrax.SaveAt(subs=[diffrax.SubSaveAt(t1=True), steps_at], solver_state=True,
                               controller_state=True),
-        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, norm=_ActiveRMS(jnp.mean(mask))),
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, norm=_ActiveRMS(active)),
         max_steps=max_steps, adjoint=diffrax.ForwardMode())
     f = sol.solver_state[1] if fsal else f
     steps = jnp.stack([sol.stats["num_accepted_steps"], sol.stats["num_rejected_steps"], fsal & fresh])
     return (sol.ys[0][0], f, _next_step(sol.ts[1], a, sol.controller_state[0], order)), steps
 
   def phase(carry, xs):
-    a, b, mask, fresh = xs
+    a, b, rate, active, solved, fresh = xs
     skip = lambda carry, *_: (carry, jnp.zeros(3, jnp.int32))
-    return jax.lax.cond(b > a, solve, skip, carry, a, b, mask, fresh)
+    return jax.lax.cond(solved, solve, skip, carry, a, b, rate, active, fresh)
 
   # One traced solve serves every phase (a scan), so the model is compiled into it once.
   carry = (z, jnp.zeros_like(z), jnp.array(jnp.inf, jnp.float32))
@@ -334,15 +346,15 @@ def _adaptive(velocity_fn, z, y, delta_t, solver, rtol, atol, semantic_channels,
   return final, steps
 
 
-def _fixed_grid(velocity_fn, z, y, grid, delta_t, euler: bool, semantic_channels):
-  """Euler / Heun on the official grid (left ends, right ends, steps), with the masks and times of the left (and,
-  for Heun, right) grid point."""
+def _fixed_grid(velocity_fn, z, y, grid, schedule, euler: bool, semantic_channels):
+  """Euler / Heun on a fixed grid (left ends, right ends, steps), with the times and rates of the left (and, for
+  Heun, right) grid point; for `Offset` the official masks."""
   channels = z.shape[-1]
 
   def drift(tau, x):
-    t_tex, t_sem = model_times(jnp.full((x.shape[0],), tau, jnp.float32), delta_t)
-    mask = channel_mask(tau >= delta_t, tau <= 1.0, channels, semantic_channels)
-    return velocity_fn(x, t_tex, t_sem, y) * mask
+    t_tex, t_sem = schedule.times(jnp.full((x.shape[0],), tau, jnp.float32))
+    rate = rate_vector(*schedule.grid_rates(tau), channels, semantic_channels)
+    return velocity_fn(x, t_tex, t_sem, y) * rate
 
   def step(x, xs):
     t0, t1, dt = xs
@@ -364,18 +376,29 @@ def _batch_axes(batch: int):
   return None if mesh.empty or batch % shd.batch_devices(mesh) else shd.BATCH_AXES
 
 
-def _check(z, y, delta_t, solver, num_steps, error_norm, semantic_channels):
+def _schedule_of(delta_t, schedule) -> schedule_lib.Schedule:
+  if schedule is None:
+    schedule = schedule_lib.Offset(0.3 if delta_t is None else delta_t)
+  elif delta_t is not None:
+    raise ValueError(f"give the schedule once: delta_t={delta_t} and schedule={type(schedule).__name__} (delta_t "
+                     "is the shorthand for schedule.Offset(delta_t))")
+  if not isinstance(schedule, schedule_lib.Schedule):
+    raise TypeError(f"schedule must be a sfd_jax.diffusion.schedule.Schedule, got {type(schedule).__name__}")
+  if isinstance(schedule, schedule_lib.Offset) and not isinstance(schedule.delta, jax.core.Tracer):
+    if schedule.delta < 0:
+      raise ValueError(f"delta_t={schedule.delta} must be ≥ 0 (0 is the ordinary sampler)")
+  return schedule
+
+
+def _check(z, y, schedule, solver, num_steps, error_norm, semantic_channels):
   if error_norm not in ERROR_NORMS:
     raise ValueError(f"error_norm {error_norm!r} is not one of {ERROR_NORMS}")
-  fixed = solver in FIXED_GRIDS
-  if fixed and num_steps is None:
-    raise ValueError(f"method {solver!r} needs num_steps (grid points, as the official num_sampling_steps)")
-  if isinstance(delta_t, jax.core.Tracer):
-    if fixed:
-      raise ValueError("the official fixed grid is computed on the host: give delta_t as a number, not a traced "
-                       "value")
-  elif delta_t < 0:
-    raise ValueError(f"delta_t={delta_t} must be ≥ 0 (0 is the ordinary sampler)")
+  if solver in FIXED_GRIDS:
+    if num_steps is None:
+      raise ValueError(f"method {solver!r} needs num_steps (grid points, as the official num_sampling_steps)")
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(schedule)):
+      raise ValueError("the official fixed grid is computed on the host: give the schedule (delta_t) as numbers, "
+                       "not traced values")
   if z.ndim != 4 or not 0 <= semantic_channels <= z.shape[-1]:
     raise ValueError(f"z must be NHWC latents (B, H, W, C) with C ≥ semantic_channels={semantic_channels} ≥ 0, "
                      f"got shape {z.shape}")
@@ -383,43 +406,47 @@ def _check(z, y, delta_t, solver, num_steps, error_norm, semantic_channels):
     raise ValueError(f"y must hold one label per sample: shape ({z.shape[0]},), got {y.shape}")
 
 
-def sample(velocity_fn, z, y, delta_t=0.3, method: str | None = None, num_steps: int | None = None,
+def sample(velocity_fn, z, y, delta_t=None, method: str | None = None, num_steps: int | None = None,
            shift: float = 0.0, rtol: float = 1e-3, atol: float = 1e-6, *,
-           solver: str | diffrax.AbstractSolver | None = None, error_norm: str = "per_sample",
-           semantic_channels: int = 16, max_steps: int = 4096):
-  """Integrates the masked three-phase ODE from noise `z` (τ = 0) to τ = 1+Δ; returns (final, stats).
+           schedule: schedule_lib.Schedule | None = None, solver: str | diffrax.AbstractSolver | None = None,
+           error_norm: str = "per_sample", semantic_channels: int = 16, max_steps: int = 4096):
+  """Integrates the schedule's ODE from noise `z` (τ = 0) to τ = end; returns (final, stats).
 
+  `schedule`: a `diffusion.schedule.Schedule`; `delta_t` is the shorthand for `schedule.Offset(delta_t)`, SFD's
+  three phases (give one of the two; Δ = 0.3 when neither is given). Its numbers may be traced values (adaptive
+  solvers only); a new Δ or map reuses the compiled sampler either way.
   `solver`: a name in `METHODS` or an explicit Runge–Kutta diffrax solver instance (`diffrax.Tsit5()`, ...);
   `method` is the same choice by name (give one of the two). 'dopri5' (the default), 'tsit5', 'bosh3',
   'adaptive_heun' and solver instances step adaptively, phase by phase (`rtol`, `atol`, `error_norm`
   'per_sample' or 'batch', at most `max_steps` steps per phase; `num_steps` and `shift` unused); 'euler' and
-  'heun' run on the official `time_grid(delta_t, num_steps, shift)`. `delta_t` may be a traced value (adaptive
-  only); a new Δ reuses the compiled sampler either way.
+  'heun' run on the official `time_grid(delta_t, num_steps, shift)` (over [0, end] for other schedules).
   `stats`: `model_calls` (the number of velocity_fn evaluations, each on the whole batch), and per sample
   `accepted_steps` and `rejected_steps`.
   """
   solver = resolve_solver(method, solver)
+  schedule = _schedule_of(delta_t, schedule)
   z = jnp.asarray(z, jnp.float32)
   y = jnp.asarray(y)
-  _check(z, y, delta_t, solver, num_steps, error_norm, semantic_channels)
+  _check(z, y, schedule, solver, num_steps, error_norm, semantic_channels)
   grid = None
   if solver in FIXED_GRIDS:
-    t = time_grid(float(delta_t), num_steps, shift)
+    t = (time_grid(float(schedule.delta), num_steps, shift) if isinstance(schedule, schedule_lib.Offset)
+         else _grid(np.float32(schedule.end()), num_steps, shift))
     grid = (jnp.asarray(t[:-1]), jnp.asarray(t[1:]), jnp.asarray(np.diff(t).astype(np.float32)))
-  return _sample(velocity_fn, z, y, jnp.asarray(delta_t, jnp.float32), grid, solver, rtol, atol, error_norm,
-                 semantic_channels, max_steps)
+  schedule = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), schedule)  # traced: no compilation per value
+  return _sample(velocity_fn, z, y, schedule, grid, solver, rtol, atol, error_norm, semantic_channels, max_steps)
 
 
 @eqx.filter_jit
-def _sample(velocity_fn, z, y, delta_t, grid, solver, rtol, atol, error_norm, semantic_channels, max_steps):
+def _sample(velocity_fn, z, y, schedule, grid, solver, rtol, atol, error_norm, semantic_channels, max_steps):
   b = z.shape[0]
   if grid is not None:
-    final = _fixed_grid(velocity_fn, z, y, grid, delta_t, solver == "euler", semantic_channels)
+    final = _fixed_grid(velocity_fn, z, y, grid, schedule, solver == "euler", semantic_channels)
     steps = grid[0].shape[0]
     calls = steps if solver == "euler" else 2 * steps
     return final, {"model_calls": jnp.asarray(calls, jnp.int32),
                    "accepted_steps": jnp.full((b,), steps, jnp.int32), "rejected_steps": jnp.zeros((b,), jnp.int32)}
-  solve = lambda z_, y_: _adaptive(velocity_fn, z_, y_, delta_t, solver, rtol, atol, semantic_channels, max_steps)
+  solve = lambda z_, y_: _adaptive(velocity_fn, z_, y_, schedule, solver, rtol, atol, semantic_channels, max_steps)
   if error_norm == "batch":
     final, steps = solve(z, y)
     steps = jnp.broadcast_to(steps, (b, *steps.shape))

@@ -1,8 +1,5 @@
-"""Training time for SFD: base time t ∈ (0, 1), stretched into one time per stream, and the linear interpolant.
-
-t = 0 is noise and t = 1 is data. With offset Δ the semantic stream runs ahead:
-t_sem = min((1+Δ)t, 1), t_tex = max((1+Δ)t − Δ, 0); Δ = 0 gives ordinary synchronous flow matching.
-"""
+"""Training time for SFD: the base time t ∈ (0, 1) (t = 0 is noise, t = 1 is data) and the linear interpolant of
+each stream at its own time (the schedule, `diffusion.schedule`, turns t into the streams' times)."""
 from __future__ import annotations
 
 import jax
@@ -18,12 +15,6 @@ def sample_base_time(rng, shape, kind: str = "logit_normal", mean: float = 0.0, 
   if kind == "uniform":
     return jax.random.uniform(rng, shape, jnp.float32)
   raise ValueError(f"time sampling {kind!r} is not one of {TIME_SAMPLINGS}")
-
-
-def stretch(t, delta_t: float):
-  """(t_tex, t_sem) from the base time, computed as the official code does: a = (1+Δ)t, clamp a and a − Δ."""
-  a = (1.0 + delta_t) * t
-  return jnp.maximum(a - delta_t, 0.0), jnp.minimum(a, 1.0)
 
 
 def interpolate(x1, x0, t_tex, t_sem, semantic_channels: int):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from sfd_jax import sharding as shd
+from sfd_jax.diffusion import schedule as schedule_lib
 from sfd_jax.errors import UserError
 from sfd_jax.models.dit import LightningDiT, lightningdit, preset_fields
 
@@ -44,7 +45,18 @@ def base_config() -> ml_collections.ConfigDict:
   # batch (forward and gradients) and stops if they differ beyond bfloat16 rounding; False skips the check.
   c.attention_check = True
   c.loss = dict(
-      delta_t=0.3,               # semfirst_delta_t: how far semantics run ahead
+      delta_t=0.3,               # semfirst_delta_t: how far semantics run ahead (offset; random_offset's for sampling)
+      # When each stream is denoised (sfd_jax.diffusion.schedule): offset (SFD, Δ = delta_t) | random_offset (Δ
+      # per training example from delta_range) | piecewise_linear (through knots) | learned (probed, then frozen).
+      schedule=dict(
+          kind="offset",
+          delta_range=(0.0, 0.6),  # random_offset: Δ ~ U[low, high] per training example
+          knots=(),                # piecewise_linear: ((τ, t_tex, t_sem), ...) from (0, 0, 0) to (end, 1, 1)
+          cells=13,                # learned: uniform cells of τ ∈ [0, 1]; starts at Δ = delta_t
+          probe_steps=500,         # learned: steps during which the schedule trains with the model, then frozen
+          lr=1e-2,                 # learned: Adam learning rate of the schedule's parameters
+          kinetic_weight=0.1,      # learned: λ of the kinetic term during the probe
+      ),
       semantic_channels=16,      # the last channels of the latent are semantic; 0 is the plain LightningDiT
                                  # (with model.in_channels = the texture's, delta_t=0, model.dual_timestep=False)
       semantic_weight=2.0,       # β, inside the mean over all channels
@@ -155,7 +167,8 @@ VALUE_RANGES = (
     ("loss.delta_t", 0.0, 1.0), ("loss.semantic_channels", 0, None), ("loss.semantic_weight", 0.0, None),
     ("loss.repa_weight", 0.0, None), ("loss.logit_std", 0.0, None), ("loss.class_dropout", 0.0, 1.0),
     ("loss.mse_weight", 0.0, None), ("loss.l1_weight", 0.0, None), ("loss.cos_weight", 0.0, None),
-    ("loss.kl_weight", 0.0, None),
+    ("loss.kl_weight", 0.0, None), ("loss.schedule.cells", 1, None), ("loss.schedule.probe_steps", 0, None),
+    ("loss.schedule.lr", 0.0, None), ("loss.schedule.kinetic_weight", 0.0, None),
     ("data.synthetic_records", 1, None), ("data.num_workers", 0, None), ("data.prefetch", 1, None),
     ("data.heldout_images", 0, None), ("data.resolution", 1, None),
     ("model.input_size", 1, None), ("model.patch_size", 1, None), ("model.in_channels", 1, None),
@@ -196,6 +209,11 @@ def _check_sfd_fields(model, loss) -> None:
   if loss.semantic_channels == 0 and (loss.delta_t != 0 or model.dual_timestep):
     raise UserError("config.loss.semantic_channels=0 (the plain LightningDiT) has no semantic stream to run ahead: "
                     "set --config.loss.delta_t=0 --config.model.dual_timestep=False")
+  if "schedule" in loss:
+    schedule_lib.from_config(loss)  # a bad kind, range or knots: one sentence now, not at the first step
+    if loss.semantic_channels == 0 and loss.schedule.kind != "offset":
+      raise UserError(f"config.loss.schedule.kind={loss.schedule.kind!r} needs a semantic stream: the plain "
+                      "LightningDiT (loss.semantic_channels=0) trains with kind 'offset' and delta_t=0")
   if model.use_repa and loss.repa_weight == 0:
     raise UserError("config.loss.repa_weight=0 with model.use_repa=True would train an unused REPA projector: for "
                     "a run without REPA set --config.model.use_repa=False")

@@ -5,6 +5,7 @@ import pytest
 
 from sfd_jax.convert import load_dit
 from sfd_jax.diffusion.loss import loss_terms
+from sfd_jax.diffusion.schedule import Offset
 from tests.golden import load_golden, nchw_to_nhwc
 
 
@@ -16,7 +17,7 @@ def setup():
   state_dict = {k: v.astype(np.float32) for k, v in model_arrays["state_dict"].items()}
   model, variables = load_dit(model_config["model_kwargs"], state_dict)
   kw = config["transport_kwargs"]
-  settings = dict(delta_t=kw["semfirst_delta_t"], semantic_weight=kw["semantic_weight"],
+  settings = dict(schedule=Offset(kw["semfirst_delta_t"]), semantic_weight=kw["semantic_weight"],
                   repa_weight=kw["repa_weight"], num_classes=config["null_label"],
                   use_cosine_loss=kw["use_cosine_loss"], repa_mode=kw["repa_mode"],
                   semantic_channels=kw["semantic_chans"])
