@@ -109,8 +109,10 @@ def masked_drift(velocity_fn, y, delta_t: float, semantic_channels: int = 16):
   """The official drift: velocity at (t_tex, t_sem) of τ, masked by the inclusive phase rule."""
   @jax.jit
   def drift(tau, x):
-    t_tex, t_sem = sampler.model_times(jnp.full((x.shape[0],), tau), delta_t)
-    mask = sampler.channel_mask(tau >= np.float32(delta_t), tau <= 1.0, x.shape[-1], semantic_channels)
+    taus = jnp.full((x.shape[0],), tau, jnp.float32)
+    t_tex, t_sem = jnp.maximum(taus - np.float32(delta_t), 0.0), jnp.minimum(taus, 1.0)
+    is_sem = np.arange(x.shape[-1]) >= x.shape[-1] - semantic_channels
+    mask = jnp.where(is_sem, tau <= 1.0, tau >= np.float32(delta_t)).astype(jnp.float32)
     return velocity_fn(x, t_tex, t_sem, y) * mask
   return drift
 

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sfd_jax import sharding as shd  # noqa: E402
 from sfd_jax.convert.dit import dit_to_torch  # noqa: E402
 from sfd_jax.diffusion import sampler  # noqa: E402
+from sfd_jax.diffusion.schedule import Offset  # noqa: E402
 from sfd_jax.models.dit import lightningdit  # noqa: E402
 
 flags.DEFINE_string("preset", "XL", "The sampled model.")
@@ -138,7 +139,7 @@ def jax_field(models, z, y):
   (model, variables), (guide, guide_variables) = models
   velocity = sampler.autoguidance_velocity(model, variables, guide, guide_variables, FLAGS.scale, FLAGS.scale,
                                            semantic_channels=SEMANTIC)
-  t_tex, t_sem = sampler.model_times(jnp.full((z.shape[0],), 0.65), DELTA)
+  t_tex, t_sem = Offset(DELTA).times(jnp.full((z.shape[0],), 0.65))
   return np.asarray(velocity(jnp.asarray(z), t_tex, t_sem, jnp.asarray(y)))
 
 
