@@ -97,12 +97,13 @@ def run(cfg, workdir, task: Task) -> dict:
   say(f"devices: {jax.device_count()} × {jax.devices()[0].device_kind} in {jax.process_count()} process(es), mesh "
       f"data {mesh.shape['data']} × fsdp {mesh.shape['fsdp']}")
   tx = state_lib.make_optimizer(cfg.optim)
-  abstract, shardings = state_lib.abstract_train_state(task.model, tx, mesh, cfg.sharding)
+  schedule = state_lib.learned_schedule(cfg)  # a learned schedule's parameters live in the state
+  abstract, shardings = state_lib.abstract_train_state(task.model, tx, mesh, cfg.sharding, schedule)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", cfg.keep_checkpoints, cfg.keep_period)
   state, step = checkpointer.restore_latest(abstract)
   missed = state is not None and task.evaluate is not None and task.evaluate.missed(workdir, step)
   if state is None:
-    state, _ = state_lib.create_train_state(task.model, tx, mesh, cfg.sharding, jax.random.key(cfg.seed))
+    state, _ = state_lib.create_train_state(task.model, tx, mesh, cfg.sharding, jax.random.key(cfg.seed), schedule)
     step = 0
     if cfg.init_from:
       state = _init_from(cfg.init_from, state, abstract)
