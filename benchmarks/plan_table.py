@@ -1,5 +1,5 @@
-"""The README's pod table from the planner: the train step of B, XL and XXL compiled for v5e-64, v5p-64, v6e-64 and
-v4-64 (libtpu on any host, no TPU), with HBM per chip and the cost-model bounds.
+"""The pod table of docs/planning.md from the planner: the train step of B, XL and XXL compiled for v5e-64, v5p-64,
+v6e-64 and v4-64 (libtpu on any host, no TPU), with HBM per chip and the cost-model bounds.
 
   python benchmarks/plan_table.py --out=plan_table.json            # all rows (about 3 minutes per XL/XXL row)
   python benchmarks/plan_table.py --models=XL --pods=v5e-64         # a subset

@@ -89,11 +89,36 @@ def test_model_attention_chooses_what_a_tpu_train_step_runs(attention, kernels):
   assert text.count("tpu_custom_call") == kernels
 
 
+def _xla_flops(fn, *args):
+  return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+
 def test_kernel_cost_estimate_counts_the_attention():
-  """XLA's cost model must see the kernels: forward 2 matmuls of 2·N²·D FLOPs per sample, 4 arrays of bytes."""
-  qkv = jax.ShapeDtypeStruct((2, 256, 3 * 144), jnp.bfloat16)
-  cost = tpu_attention._cost(qkv, heads=2, backward=False, norm=False)
-  assert cost.flops == 2 * 2 * 2 * 256 * 256 * 144
-  assert cost.bytes_accessed == 4 * 2 * 256 * 144 * 2
+  """XLA's cost model must see the kernels: their estimates against XLA's own count of the same products written
+  as einsums (2 samples, 256 tokens, 2 heads of 72). Forward: q·kᵀ and p·v; backward: the scores recomputed and
+  the vjp of both products; QK-norm/RoPE: x·R for q and k in two parts (4 products), backward recomputed and their
+  vjp. Bytes: qkv and the output read and written (backward: qkv, the output's cotangent and d(qkv))."""
+  b, n, heads, hd = 2, 256, 2, 72
+  q = jax.ShapeDtypeStruct((b, n, heads, hd), jnp.float32)
+  probs = jax.ShapeDtypeStruct((b, heads, n, n), jnp.float32)
+  rotation = jax.ShapeDtypeStruct((hd, hd), jnp.float32)
+  scores = lambda q, k: jnp.einsum("bqhd,bkhd->bhqk", q, k)
+  mix = lambda p, v: jnp.einsum("bhqk,bkhd->bqhd", p, v)
+  rotate = lambda x, r: jnp.einsum("bnhd,de->bnhe", x, r)
+  forward = _xla_flops(scores, q, q) + _xla_flops(mix, probs, q)
+  backward = (_xla_flops(scores, q, q) + _xla_flops(lambda q, k, ds: jax.vjp(scores, q, k)[1](ds), q, q, probs)
+              + _xla_flops(lambda p, v, do: jax.vjp(mix, p, v)[1](do), probs, q, q))
+  rope = 4 * _xla_flops(rotate, q, rotation)
+  rope_backward = rope + 4 * _xla_flops(lambda x, r, g: jax.vjp(lambda x: rotate(x, r), x)[1](g), q, rotation, q)
+  assert forward == 2 * 2 * 2 * 2 * 256 * 256 * 72  # by hand: samples, heads, products, 2 per multiply-add, n², hd
+
+  qkv = jax.ShapeDtypeStruct((b, n, 3 * heads * hd), jnp.bfloat16)
+  cost = lambda backward, norm: tpu_attention._cost(qkv, heads=heads, backward=backward, norm=norm)
+  assert cost(False, False).flops == forward and cost(True, False).flops == backward
+  assert cost(False, True).flops == forward + rope and cost(True, True).flops == backward + rope_backward
+  assert cost(False, False).transcendentals == b * heads * n * n  # one exponential per score
+  qkv_bytes, out_bytes = b * n * 3 * heads * hd * 2, b * n * heads * hd * 2
+  assert cost(False, False).bytes_accessed == qkv_bytes + out_bytes
+  assert cost(True, False).bytes_accessed == 2 * qkv_bytes + out_bytes
   jaxpr = jax.make_jaxpr(shd.traced_with_mesh(MESH, lambda qkv: tpu_attention.attention(qkv, 2)))(qkv)
   assert "cost_estimate" in str(jaxpr)

@@ -1,5 +1,7 @@
 """The pod planner against independent arithmetic: a tiny SFD config compiled by libtpu for a 2×2 v5e slice on this
 CPU host (no TPU needed; skipped only where libtpu is not installed)."""
+import functools
+import importlib.util
 import json
 import math
 import os
@@ -7,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -40,6 +44,19 @@ def planner_config(batch_size=32, accum=1):
   return cfg
 
 
+@functools.cache
+def xla_forward_flops(with_repa: bool = True) -> float:
+  """XLA's own count (on the CPU) of one sample's forward pass of the planner's model, its block scan unrolled (XLA
+  costs a loop body once) and XLA's attention: every matmul, and the norms', modulations' and softmax's elementwise
+  work (about 2% here), which model FLOPs leave out."""
+  cfg = planner_config().model
+  model = config_lib.build_model(cfg).clone(attention="xla", scan_unroll=cfg.depth)
+  args = model.dummy_inputs(1)
+  params = jax.eval_shape(lambda k: model.init(k, *args), jax.random.key(0))
+  forward = jax.jit(lambda p, *a: model.apply(p, *a, return_repa=with_repa))
+  return forward.lower(params, *args).compile().cost_analysis()["flops"]
+
+
 @pytest.fixture(scope="module")
 def devices():
   return plan.tpu_devices(TOPOLOGY)
@@ -68,12 +85,14 @@ def test_accelerator_names_and_slices():
     assert len({getattr(d, "slice_index", 0) for d in devices}) == slices
 
 
-def test_train_step_flops_match_the_model_count(planned):
+def test_train_step_flops_match_xla_count_of_the_model(planned):
+  """Model FLOPs: 3 forward passes' worth (forward and backward) of 32 samples over 4 chips, the forward pass as
+  XLA counts it less its elementwise work."""
   cfg = planner_config().model
-  model = config_lib.build_model(cfg)
-  expected = 3 * model.forward_flops() * 32 / CHIPS
+  expected = 3 * xla_forward_flops() * 32 / CHIPS
   step = planned["train_step"]
-  assert step["model_flops_per_chip"] == pytest.approx(expected)
+  assert step["model_flops_per_chip"] == pytest.approx(expected, rel=0.03)
+  assert step["model_flops_per_chip"] < expected
   # The TPU attention kernels' work beyond the model's count, per layer and sample: the backward kernel recomputes
   # the scores q·kᵀ (2·N²·D), and RoPE's pair rotation is a matmul with a ±1 matrix, q and k in two bfloat16 parts
   # (4 matmuls of 2·N·hd² per head), once forward, twice backward (recomputed, and its vjp).
@@ -92,7 +111,7 @@ def test_arguments_are_the_state_shard_and_the_batch_shard(planned, devices):
   model = config_lib.build_model(cfg.model)
   abstract, _ = state_lib.abstract_train_state(model, state_lib.make_optimizer(cfg.optim), mesh, cfg.sharding)
   state = 0
-  for leaf in __import__("jax").tree.leaves(abstract):
+  for leaf in jax.tree.leaves(abstract):
     split = math.prod(mesh.shape[a] for axes in leaf.sharding.spec if axes for a in np.atleast_1d(axes))
     state += math.prod(leaf.shape) * leaf.dtype.itemsize / split
   rows = 32 // CHIPS
@@ -107,16 +126,32 @@ def test_arguments_are_the_state_shard_and_the_batch_shard(planned, devices):
   assert step["fits"] and step["hbm_capacity_bytes"] == 15.75 * 2 ** 30
 
 
-def test_bound_is_the_roofline_of_the_chip_table(planned):
-  step, chip = planned["train_step"], V5E
-  compute = step["flops_per_chip"] / 197e12
-  hbm = step["hbm_traffic_bytes_per_chip"] / 819e9
-  assert step["step_time_bound_s"] == pytest.approx(max(compute, hbm, step["time_s"]["ici"]))
-  assert step["mfu_bound"] == pytest.approx(step["model_flops_per_chip"] / step["step_time_bound_s"] / 197e12)
-  assert step["images_per_s_per_chip"] == pytest.approx(32 / CHIPS / step["step_time_bound_s"])
-  assert step["full_run_s"] == pytest.approx(planner_config().total_steps * step["step_time_bound_s"])
-  assert chip.peak_bf16_flops == 197e12 and chip.hbm_bandwidth == 819e9
+def test_bounds_of_programs_counted_by_hand(devices):
+  """Two programs whose work per chip is known by hand, each split by rows over the 4 chips of a v5e (197 TFLOP/s,
+  819 GB/s): 1024 rows of a bfloat16 (4096, 4096) @ (4096, 4096) per chip are 2 × 1024 × 4096 × 4096 =
+  34,359,738,368 FLOPs, 174.4 µs of compute (its HBM bytes are XLA's tiling, not countable by hand); the float32
+  sum of two (4096, 4096) arrays reads two and writes one block of 1024 × 4096 × 4 bytes per chip, 50,331,648
+  bytes, HBM-bound at 61.45 µs."""
+  mesh = shd.make_mesh(CHIPS, 1, devices=devices)
+  rows = lambda dtype: jax.ShapeDtypeStruct((4096, 4096), dtype, sharding=shd.batch_sharding(mesh, 2))
+  whole = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16, sharding=shd.replicated(mesh))
+  matmul = plan.compile_program(plan.Program("matmul", jax.jit(jnp.matmul), (rows(jnp.bfloat16), whole), 4096,
+                                             2 * 4096 ** 3), V5E, CHIPS)
+  assert matmul["flops_per_chip"] == matmul["model_flops_per_chip"] == 34_359_738_368
+  assert matmul["time_s"]["compute"] == pytest.approx(174.42e-6, rel=1e-4)
+  assert matmul["collectives"] == {} and matmul["time_s"]["ici"] == 0
+  add = plan.compile_program(plan.Program("add", jax.jit(jnp.add), (rows(jnp.float32), rows(jnp.float32)), 4096,
+                                          0.0), V5E, CHIPS)
+  assert add["hbm_traffic_bytes_per_chip"] == 50_331_648
+  assert add["bound_by"] == "hbm" and add["step_time_bound_s"] == pytest.approx(61.455e-6, rel=1e-4)
+  assert add["images_per_s_per_chip"] == pytest.approx(1024 / 61.455e-6, rel=1e-4)  # a row as an "image"
+
+
+def test_the_train_step_bound(planned):
+  step = planned["train_step"]
+  assert step["step_time_bound_s"] == max(step["time_s"].values()) > 0
   assert sum(c["count"] for c in step["collectives"].values()) > 0  # fsdp 2: params gathered, grads reduced
+  assert step["loops"]["not_counted"] == []
 
 
 def test_grad_accumulation_keeps_the_flops(planned, devices):
@@ -147,11 +182,11 @@ def test_loop_costs_match_the_unrolled_step(devices):
 
 
 def test_sampler_steps(planned):
-  model = config_lib.build_model(planner_config().model)
-  per_chip = 2 * model.forward_flops(with_repa=False) * 8 / CHIPS  # CFG doubles the batch
+  per_chip = 2 * xla_forward_flops(with_repa=False) * 8 / CHIPS  # CFG doubles the batch
   dopri5, euler = planned["sample_step"], planned["sample_step_euler"]
-  assert dopri5["model_flops_per_chip"] == pytest.approx(6 * per_chip)
-  assert euler["model_flops_per_chip"] == pytest.approx(per_chip)
+  assert dopri5["model_flops_per_chip"] == pytest.approx(6 * per_chip, rel=0.03)
+  assert euler["model_flops_per_chip"] == pytest.approx(per_chip, rel=0.03)
+  assert euler["model_flops_per_chip"] < per_chip
   # The TPU attention kernels' RoPE rotation, forward only: 4 matmuls of 2·N·hd² per head, layer and model row.
   cfg = planner_config().model
   n, d = cfg.input_size ** 2, cfg.hidden_size
@@ -186,8 +221,6 @@ def test_data_parallel_gradient_crosses_slices_once():
   reduce-scatters it within each slice (ICI) and all-reduces each chip's quarter between the slices over the
   data-center network, so each chip receives 2 (s - 1) / s × S / 4 = 1 MiB over DCN (s = 2 slices, S = 4 MiB),
   taking 1 MiB / 3.125 GB/s (v5e: 2 × 100 Gbps NICs per 8-chip host)."""
-  import jax
-  import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
   devices = plan.tpu_devices(TOPOLOGY, num_slices=2)
   mesh = shd.make_mesh(8, 1, devices=devices)
@@ -261,3 +294,43 @@ def test_command_line_writes_the_json(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines()[-1].startswith("error: --topology='v5e-3'")
+
+
+def test_command_line_search_ranks_the_layouts(tmp_path):
+  """The documented `plan --search` on a v5e-4 for the smoke config (batch 16): data 4 × fsdp 1 and data 2 × fsdp
+  2, no remat, 1 or 2 micro-batches. Both layouts fit with 1, so 2 are not compiled; the ranking is by bound; the
+  state shard of fsdp 1 is params, EMA and AdamW's two moments of the parameters counted here, in float32 (plus a
+  few scalars). A second run reads every result from its cache."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = tmp_path / "search.json"
+  command = [sys.executable, "-m", "sfd_jax.cli.plan", "--config=configs/smoke.py", "--topology=v5e-4", "--search",
+             "--search_fsdp=1,2", "--search_remat=none", "--search_accum=1,2", f"--cache_dir={tmp_path / 'cache'}",
+             f"--json={out}"]
+  run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-2000:]
+  result = json.loads(out.read_text())
+  assert (result["topology"], result["chips"], result["batch_size"]) == ("v5e-4", 4, 16)
+  layouts = sorted((e["data"], e["fsdp"], e["remat_policy"], e["grad_accum_steps"]) for e in result["tried"])
+  assert layouts == [(2, 2, "none", 1), (4, 1, "none", 1)]
+  ranked = result["ranked"]
+  assert len(ranked) == 2 and all(e["fits"] and e["compiled"] for e in ranked)
+  assert ranked[0]["step_time_bound_s"] <= ranked[1]["step_time_bound_s"]
+  model = config_lib.build_model(_load_smoke_config().model)
+  params = jax.eval_shape(lambda k: model.init(k, *model.dummy_inputs()), jax.random.key(0))
+  param_bytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(params))
+  by_fsdp = {e["fsdp"]: e for e in result["tried"]}
+  assert by_fsdp[1]["state_bytes_per_chip"] == pytest.approx(4 * param_bytes, abs=64)
+  assert by_fsdp[2]["state_bytes_per_chip"] <= by_fsdp[1]["state_bytes_per_chip"]
+  assert "2 of 2 layouts fit; fastest first" in run.stdout
+  assert run.stdout.count("data   4 × fsdp 1   none") == 2 and run.stdout.count("data   2 × fsdp 2   none") == 2
+
+  again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert json.loads(out.read_text()) == result  # compile times included: nothing compiled again
+
+
+def _load_smoke_config():
+  spec = importlib.util.spec_from_file_location("smoke", ROOT / "configs" / "smoke.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
