@@ -15,6 +15,7 @@ import json
 import time
 import zipfile
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +29,7 @@ from sfd_jax.convert import export
 from sfd_jax.convert.dit import load_dit, official_sfd_kwargs
 from sfd_jax.convert.io import load_state_dict, select_state_dict
 from sfd_jax.data import extract as extract_lib, latents as latents_lib
-from sfd_jax.diffusion import sampler
+from sfd_jax.diffusion import sampler, schedule as schedule_lib
 from sfd_jax.errors import UserError
 from sfd_jax.models import dit as dit_lib, layers
 from sfd_jax.models.texture_vae import denormalize_texture, to_uint8
@@ -62,7 +63,7 @@ class Settings:
   rtol: float = 1e-3
   atol: float = 1e-6
   error_norm: str = "per_sample"
-  delta_t: float | None = None
+  delta_t: float | None = None         # overrides Δ of a model with an offset or random_offset schedule
   cfg_scale: float = 1.0
   cfg_scale_tex: float | None = None
   cfg_scale_sem: float | None = None
@@ -84,7 +85,8 @@ class Settings:
 def load_diffusion_model(path, preset: str = "XL", model_kwargs: dict | None = None, dtype=jnp.float32,
                          step: int | None = None):
   """(model, variables, official kwargs or {}) of a DiT: an exported directory, a training workdir (EMA weights of
-  its newest checkpoint), or an official weight file.
+  its newest checkpoint), or an official weight file. The kwargs of a training run or an export also hold the
+  `schedule` it was trained with (a `diffusion.schedule.Schedule`; `sampling_schedule` reads it).
 
   Official files take their `ema` weights, with the official constructor kwargs of `preset` unless
   `model_kwargs` (official kwargs, e.g. a yaml's or fixture's) are given. New sources go here.
@@ -95,7 +97,8 @@ def load_diffusion_model(path, preset: str = "XL", model_kwargs: dict | None = N
                     "leave the step out")
   if (path / "model.json").exists():
     model, variables, meta = export.load_model(path, dtype=dtype)
-    return model, variables, meta.get("official_kwargs", {})
+    stored = {"schedule": schedule_lib.from_metadata(meta["schedule"])} if "schedule" in meta else {}
+    return model, variables, {**meta.get("official_kwargs", {}), **stored}
   if (path / "checkpoints").is_dir():
     return load_training_run(path, dtype, step)
   if path.is_dir() or path.suffix.lower() not in OFFICIAL_SUFFIXES:
@@ -110,8 +113,10 @@ def load_diffusion_model(path, preset: str = "XL", model_kwargs: dict | None = N
 
 
 def load_training_run(workdir, dtype=jnp.float32, step: int | None = None):
-  """(model, EMA variables, official-style kwargs) of a training run: checkpoint `step`, or the newest one that
-  reads (a truncated newest checkpoint, e.g. of a killed run, is passed over with a warning)."""
+  """(model, EMA variables, official-style kwargs and the run's `schedule`) of a training run: checkpoint `step`,
+  or the newest one that reads (a truncated newest checkpoint, e.g. of a killed run, is passed over with a
+  warning). The schedule is the run config's (`loss.delta_t`, `loss.schedule`); a learned one's parameters come
+  from the checkpoint's train state."""
   from ml_collections import ConfigDict
 
   from sfd_jax.training import checkpoint as ckpt_lib, config as config_lib
@@ -120,12 +125,37 @@ def load_training_run(workdir, dtype=jnp.float32, step: int | None = None):
     def model_of(config):
       return config_lib.build_model(ConfigDict(config).model).clone(dtype=dtype)
     step, config, params = checkpointer.readable_params(model_of, step)
+    loss = ConfigDict(config).loss
+    learned_raw = None
+    if "schedule" in loss and loss.schedule.kind == "learned":
+      learned_raw = checkpointer.restore_params(step, jax.ShapeDtypeStruct((loss.schedule.cells,), jnp.float32),
+                                                "schedule_raw")
   finally:
     checkpointer.close()
-  loss = ConfigDict(config).loss
+  # A run saved before the schedule was configurable trained SFD's offset by loss.delta_t.
+  schedule = (schedule_lib.from_config(loss, learned_raw) if "schedule" in loss
+              else schedule_lib.Offset(loss.delta_t))
   say(f"model: EMA weights of step {step} of {workdir}")
   return model_of(config), {"params": params}, {"semfirst_delta_t": loss.delta_t,
-                                                "semantic_chans": loss.semantic_channels}
+                                                "semantic_chans": loss.semantic_channels,
+                                                "schedule": schedule}
+
+
+def sampling_schedule(official: dict, model, delta_t: float | None = None) -> schedule_lib.Schedule:
+  """The schedule a model is sampled with: the one stored with it (a training run's or an export's `schedule`),
+  else, for official weights, SFD's offset by their `semfirst_delta_t` (0.3 where they do not say; 0 for a model
+  without the dual timestep). `delta_t` overrides Δ, only of an offset or random_offset schedule."""
+  if "schedule" in official:
+    schedule = official["schedule"]
+  else:
+    schedule = schedule_lib.Offset(float(official.get("semfirst_delta_t", 0.3 if model.dual_timestep else 0.0)))
+  if delta_t is None:
+    return schedule
+  if not isinstance(schedule, schedule_lib.Offset):
+    raise UserError(f"--delta_t={delta_t:g} sets Δ of an offset or random_offset schedule, but this model was "
+                    f"trained with a {schedule.to_metadata()['kind']} schedule: leave --delta_t out to sample with "
+                    "it")
+  return eqx.tree_at(lambda s: s.delta, schedule, float(delta_t))
 
 
 def load_texture_stats(path):
@@ -187,42 +217,89 @@ def run_keys(seed: int):
   return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
 
 
-def guided_velocity(model, variables, guide_model, guide_variables, scale: float, scale_tex: float, scale_sem: float,
-                    interval_start: float, interval_mode: str, semantic_channels: int):
-  """The velocity a run samples (the planner costs the same one): AutoGuidance by `guide_model` where there is
-  one (`scale_tex`, `scale_sem` per stream), classifier-free guidance at `scale` where it is above 1, else the
-  model's own."""
+GUIDANCE = ("none", "cfg", "autoguidance")
+
+
+def guidance_of(s: Settings, guide_model) -> str:
+  """The guidance rule of a run: AutoGuidance by `guide_model` where there is one, classifier-free guidance where
+  `cfg_scale` is above 1, else none. It is the structure of the compiled program (the scales are its inputs)."""
   if guide_model is not None:
-    return sampler.autoguidance_velocity(model, variables, guide_model, guide_variables, scale_tex, scale_sem,
-                                         interval_start, interval_mode, semantic_channels)
-  if scale > 1.0:
-    return sampler.cfg_velocity(model, variables, scale, model.num_classes, interval_start, interval_mode,
-                                semantic_channels)
-  return sampler.model_velocity(model, variables)
+    return "autoguidance"
+  return "cfg" if s.cfg_scale > 1.0 else "none"
 
 
-def make_generator(s: Settings, model, vae, guide_model, delta_t: float, semantic_channels: int, interval_mode: str,
-                   fid_num: int, mesh=None):
-  """jit(params…, indices) → (uint8 images, labels, model calls): noise → ODE → texture → decode; traced with
-  `mesh` in context when given (the samples stay split over its devices, the TPU attention kernels run on each
-  device's samples)."""
+def guidance_scales(s: Settings) -> dict:
+  """The guidance numbers of a run as float32 scalars, inputs of the compiled generator (a new scale reuses it):
+  `scale` (CFG), `scale_tex`, `scale_sem` (AutoGuidance; default `scale`) and `interval_start`. Host values, which
+  every process of a pod holds alike."""
+  f32 = lambda v: np.asarray(v, np.float32)
+  return {"scale": f32(s.cfg_scale), "scale_tex": f32(s.cfg_scale_tex or s.cfg_scale),
+          "scale_sem": f32(s.cfg_scale_sem or s.cfg_scale), "interval_start": f32(s.cfg_interval_start)}
+
+
+def guided_velocity(model, variables, guide_model, guide_variables, guidance: str, scales: dict, interval_mode: str,
+                    semantic_channels: int):
+  """The velocity a run samples (the planner costs the same one), by the rule `guidance` (`GUIDANCE`) with the
+  `scales` of `guidance_scales` (traced values are fine)."""
+  if guidance == "autoguidance":
+    return sampler.autoguidance_velocity(model, variables, guide_model, guide_variables, scales["scale_tex"],
+                                         scales["scale_sem"], scales["interval_start"], interval_mode,
+                                         semantic_channels)
+  if guidance == "cfg":
+    return sampler.cfg_velocity(model, variables, scales["scale"], model.num_classes, scales["interval_start"],
+                                interval_mode, semantic_channels)
+  if guidance == "none":
+    return sampler.model_velocity(model, variables)
+  raise ValueError(f"guidance {guidance!r} is not one of {GUIDANCE}")
+
+
+def schedule_jit(fn, method: str, mesh=None):
+  """`fn(schedule, *args)` compiled once for every schedule of the same kind and shapes: the schedule's numbers
+  (Δ, knots, learned parameters) are float32 inputs, so a Δ sweep does not recompile. The official fixed grids
+  ('euler', 'heun') are computed on the host from the schedule's numbers, so there each schedule compiles once.
+  Traced with `mesh` in context when given (`sharding.traced_with_mesh`)."""
+  traced = fn if mesh is None else sharding.traced_with_mesh(mesh, fn)
+  if method not in sampler.FIXED_GRIDS:
+    compiled = jax.jit(traced)
+    return lambda schedule, *args: compiled(jax.tree.map(lambda x: np.asarray(x, np.float32), schedule), *args)
+  per_schedule = {}
+
+  def on_grid(schedule, *args):
+    schedule = jax.tree.map(np.asarray, schedule)  # host numbers, which the sampler reads while tracing
+    leaves, treedef = jax.tree.flatten(schedule)
+    key = (treedef, tuple((x.shape, x.dtype.str, x.tobytes()) for x in leaves))
+    if key not in per_schedule:
+      per_schedule[key] = jax.jit(lambda *args: traced(schedule, *args))  # the schedule a constant
+    return per_schedule[key](*args)
+  return on_grid
+
+
+def make_generator(s: Settings, model, vae, guide_model, semantic_channels: int, interval_mode: str, fid_num: int,
+                   mesh=None):
+  """(schedule, scales, params…, indices) → (uint8 images, labels, model calls): noise → ODE → texture → decode.
+
+  The schedule (`sampling_schedule`) and the guidance scales (`guidance_scales`) are inputs: one compiled
+  generator serves a Δ sweep and every scale of the run's guidance rule (`guidance_of`; `schedule_jit` says where
+  a schedule compiles again). Traced with `mesh` in context when given (the samples stay split over its devices,
+  the TPU attention kernels run on each device's samples)."""
   noise_key, label_key = run_keys(s.seed)
   labels = parse_labels(s.labels, model.num_classes, s.demo)
   latent_shape = (model.input_size, model.input_size, model.in_channels)
+  guidance = guidance_of(s, guide_model)
 
-  def generate(dit_vars, guide_vars, vae_vars, mean, std, indices):
+  def generate(schedule, scales, dit_vars, guide_vars, vae_vars, mean, std, indices):
     z = sampler.noise(noise_key, indices, latent_shape)
     y = labels_of(label_key, indices, labels, model.num_classes, fid_num)
-    velocity = guided_velocity(model, dit_vars, guide_model, guide_vars, s.cfg_scale, s.cfg_scale_tex or s.cfg_scale,
-                               s.cfg_scale_sem or s.cfg_scale, s.cfg_interval_start, interval_mode, semantic_channels)
-    final, stats = sampler.sample(velocity, z, y, delta_t=delta_t, method=s.method, num_steps=s.num_steps,
+    velocity = guided_velocity(model, dit_vars, guide_model, guide_vars, guidance, scales, interval_mode,
+                               semantic_channels)
+    final, stats = sampler.sample(velocity, z, y, schedule=schedule, method=s.method, num_steps=s.num_steps,
                                   shift=s.shift, rtol=s.rtol, atol=s.atol, error_norm=s.error_norm,
                                   semantic_channels=semantic_channels)
     texture = denormalize_texture(final, mean, std, s.latent_multiplier, model.in_channels - semantic_channels)
     images = to_uint8(vae.apply(vae_vars, texture, method=vae.decode))
     return images, y, stats["model_calls"]
 
-  return jax.jit(generate if mesh is None else sharding.traced_with_mesh(mesh, generate))
+  return schedule_jit(generate, s.method, mesh)
 
 
 def with_model_options(s: Settings, model):
@@ -333,16 +410,16 @@ def run(s: Settings):
   # The decoder runs at the DiT's matmul precision: one precision for the whole of a sampling run.
   vae, vae_vars = vae.model.clone(matmul_precision=model.matmul_precision), vae.variables
   mean, std = load_texture_stats(s.stats)
-  delta_t = s.delta_t if s.delta_t is not None else float(
-      official.get("semfirst_delta_t", 0.3 if model.dual_timestep else 0.0))
+  schedule = sampling_schedule(official, model, s.delta_t)
   semantic_channels = int(official.get("semantic_chans", 16))
   interval_mode = s.cfg_interval_mode or official.get("semfirst_infer_interval_mode", "both")
   fid_num = s.fid_num or s.num_images
 
   mesh = sharding.make_mesh()
   sharding.check_batch_size(mesh, s.batch_size, "--batch_size")
-  generate = make_generator(s, model, vae, guide_model, delta_t, semantic_channels, interval_mode, fid_num, mesh)
+  generate = make_generator(s, model, vae, guide_model, semantic_channels, interval_mode, fid_num, mesh)
   params = jax.device_put((dit_vars, guide_vars, vae_vars, mean, std), sharding.replicated(mesh))
+  scales = guidance_scales(s)
   models = [(model, params[0])] + ([(guide_model, params[1])] if guide_model is not None else [])
 
   if s.demo:
@@ -352,7 +429,7 @@ def run(s: Settings):
     images, labels = [], []
     for start in range(0, len(padded), s.batch_size):
       batch = sharding.shard_batch(mesh, padded[start:start + s.batch_size][sharding.host_rows(mesh, s.batch_size)])
-      imgs, ys, _ = generate(*params, batch)
+      imgs, ys, _ = generate(schedule, scales, *params, batch)
       images.append(sharding.to_host(imgs))
       labels.append(sharding.to_host(ys))
     if jax.process_index() == 0:
@@ -376,7 +453,7 @@ def run(s: Settings):
     padded = np.concatenate([chunk, np.full(s.batch_size - len(chunk), chunk[-1])])  # last batch: repeat
     batch = sharding.shard_batch(mesh, padded[sharding.host_rows(mesh, s.batch_size)])
     tick = time.perf_counter()
-    images, _, calls = generate(*params, batch)
+    images, _, calls = generate(schedule, scales, *params, batch)
     rows, local = _local_rows(images)
     for row, image in zip(rows, local):
       if row < len(chunk):

@@ -2,6 +2,8 @@
 
 This is what `python -m sfd_jax.cli.convert` writes from an official file and what the sampler reads; a
 training checkpoint's EMA weights can be exported the same way. Restoring can place the params on any sharding.
+A DiT's export may hold the schedule it was trained with (`schedule`, `Schedule.to_metadata`) beside the official
+kwargs (whose `semfirst_delta_t` stays, for the official code); `generate.sampling_schedule` samples with it.
 """
 from __future__ import annotations
 
@@ -35,16 +37,19 @@ def model_fields(model) -> dict:
   return fields
 
 
-def save_model(path, model, variables, extra: dict | None = None):
-  """Writes `model.json` and the params (orbax) under `path` (local or gs://); refuses to overwrite an export."""
+def save_model(path, model, variables, extra: dict | None = None, schedule=None):
+  """Writes `model.json` and the params (orbax) under `path` (local or gs://); refuses to overwrite an export.
+  `schedule` (a `diffusion.schedule.Schedule`) is stored as `model.json`'s `schedule`."""
   path = storage.path(path)
   if (path / "model.json").exists():
     raise UserError(f"{path} already holds an exported model; choose another output directory")
+  meta = {"class": type(model).__name__, "fields": model_fields(model), **(extra or {})}
+  if schedule is not None:
+    meta["schedule"] = schedule.to_metadata()  # before anything is written: a schedule that cannot be stored says so
   path.mkdir(parents=True, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path / "params", variables["params"])
   checkpointer.wait_until_finished()
-  meta = {"class": type(model).__name__, "fields": model_fields(model), **(extra or {})}
   storage.write_json(path / "model.json", meta)
   return path
 
@@ -66,7 +71,8 @@ def _check_official_semvae(path, abstract) -> None:
 
 
 def load_model(path, sharding=None, **overrides):
-  """(model, variables, meta) of an exported model; `sharding` (a Sharding or a tree of them) places the params.
+  """(model, variables, meta) of an exported model (meta: `model.json`, with the `schedule` of a DiT exported with
+  one); `sharding` (a Sharding or a tree of them) places the params.
   Without it they come back as numpy arrays, which every host of a pod can put on any mesh (the sharding stored
   with them names a device of the process that exported them)."""
   path = storage.path(path)

@@ -2,11 +2,12 @@
 
 Each evaluation decodes the same images (image i's noise and label depend only on `eval.seed` and i: fixed noise
 and the official balanced labels, as `cli.sample` draws them), sampled with the EMA weights over every device of
-the mesh, once per guidance scale of `eval.cfg_scales` (1 is unguided). The sampler and decoder are compiled once
-per scale and reused by every evaluation. Metrics come from the project's FID Inception against an ADM reference
-batch (`eval.features='inception'`), or from a feature network the task supplies (`'task'`: the demo's digit
-classifier, for instance). They are logged at the step, as `eval/cfg<scale>/<metric>`, with `eval/seconds`
-(the evaluation's cost; the first one includes compiling).
+the mesh with the run's schedule (`run_schedule`), once per guidance scale of `eval.cfg_scales` (1 is unguided). The
+sampler and decoder are compiled once per guidance rule (one program unguided, one for every CFG scale: the scale
+and the schedule are its inputs) and reused by every evaluation. Metrics come from the project's FID Inception
+against an ADM reference batch (`eval.features='inception'`), or from a feature network the task supplies
+(`'task'`: the demo's digit classifier, for instance). They are logged at the step, as `eval/cfg<scale>/<metric>`,
+with `eval/seconds` (the evaluation's cost; the first one includes compiling).
 
 Resuming: an evaluation runs after its step's checkpoint was started and before the next step, and metrics.jsonl
 keeps only the lines up to the step a run resumes from. So a run killed before a later checkpoint redoes the
@@ -28,7 +29,7 @@ from sfd_jax import generate, sharding as shd
 from sfd_jax.console import say
 from sfd_jax.data import extract as extract_lib
 from sfd_jax.data.images import ArrayImages
-from sfd_jax.diffusion import sampler
+from sfd_jax.diffusion import sampler, schedule as schedule_lib
 from sfd_jax.errors import UserError
 from sfd_jax.training import metrics as metrics_lib
 
@@ -48,6 +49,13 @@ class Metrics:
 def tag(cfg_scale: float, metric: str) -> str:
   """The metrics.jsonl / TensorBoard name of a metric at a guidance scale, e.g. `eval/cfg1/fid`."""
   return f"eval/cfg{cfg_scale:g}/{metric}"
+
+
+def run_schedule(loss_cfg, state) -> schedule_lib.Schedule:
+  """The schedule a run samples with at `state`: its config's (`loss.delta_t`, `loss.schedule`), a learned one with
+  its parameters from the train state."""
+  learned = loss_cfg.schedule.kind == "learned"
+  return schedule_lib.from_config(loss_cfg, state.schedule_raw if learned else None)
 
 
 def check(cfg) -> None:
@@ -74,6 +82,7 @@ class Evaluation:
   def __init__(self, cfg, model, texture_stats, metrics: Metrics, dataset_size: int = 0):
     check(cfg)
     c = self.settings = cfg.eval
+    self.loss_cfg = cfg.loss
     self.every, self.total_steps = cfg.eval_every, cfg.total_steps
     self.epochs_per_step = cfg.batch_size / dataset_size if dataset_size else 0.0
     self.metrics = metrics
@@ -81,17 +90,23 @@ class Evaluation:
     shd.check_batch_size(self.mesh, c.batch_size, "config.eval.batch_size")
     vae = extract_lib.load_encoder("texture", cfg.sample.texture_vae)
     semantic = cfg.loss.semantic_channels
-    self.generators = {}
-    for scale in c.cfg_scales:
-      s = generate.Settings(model="", vae="", stats="", out="", num_images=c.num_samples, batch_size=c.batch_size,
-                            seed=c.seed, labels="balanced", method=c.method, num_steps=c.num_steps, shift=c.shift,
-                            rtol=c.rtol, atol=c.atol, cfg_scale=float(scale), cfg_interval_start=c.cfg_interval_start)
-      self.generators[float(scale)] = generate.make_generator(s, model, vae.model, None, cfg.loss.delta_t, semantic,
-                                                              "both", c.num_samples)
+    self.scales = tuple(float(scale) for scale in c.cfg_scales)
+    self.generators = {}  # per guidance rule: every scale of a rule shares its compiled generator
+    for scale in self.scales:
+      s = self._settings(scale)
+      rule = generate.guidance_of(s, None)
+      if rule not in self.generators:
+        self.generators[rule] = generate.make_generator(s, model, vae.model, None, semantic, "both", c.num_samples)
     mean, std = (np.asarray(texture_stats["texture"][k], np.float32) for k in ("mean", "std"))
     self.fixed = jax.device_put((None, vae.variables, mean, std), shd.replicated(self.mesh))
     indices = np.arange(c.num_samples)
     self.indices = np.resize(indices, -(-len(indices) // c.batch_size) * c.batch_size)  # the last batch repeats
+
+  def _settings(self, cfg_scale: float) -> generate.Settings:
+    c = self.settings
+    return generate.Settings(model="", vae="", stats="", out="", num_images=c.num_samples, batch_size=c.batch_size,
+                             seed=c.seed, labels="balanced", method=c.method, num_steps=c.num_steps, shift=c.shift,
+                             rtol=c.rtol, atol=c.atol, cfg_scale=cfg_scale, cfg_interval_start=c.cfg_interval_start)
 
   def due(self, step: int) -> bool:
     return bool(self.every) and step > 0 and (step % self.every == 0 or step == self.total_steps)
@@ -110,15 +125,24 @@ class Evaluation:
   @property
   def tags(self) -> tuple[str, ...]:
     """Every metric an evaluation logs (TensorBoard's hparams table shows them beside each run's config)."""
-    return (*(tag(s, k) for s in self.generators for k in (*self.metrics.names, "model_calls")), SECONDS)
+    return (*(tag(s, k) for s in self.scales for k in (*self.metrics.names, "model_calls")), SECONDS)
 
-  def sample(self, ema_params, cfg_scale: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """(uint8 images, labels, model calls per batch on average) of the evaluation's samples at a scale."""
-    generator, size = self.generators[float(cfg_scale)], self.settings.batch_size
+  def sample(self, ema_params, cfg_scale: float, schedule: schedule_lib.Schedule | None = None
+             ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(uint8 images, labels, model calls per batch on average) of the evaluation's samples at a scale, with
+    `schedule` (`run_schedule`; None: the config's, which a learned schedule cannot be: its parameters are in the
+    train state)."""
+    if schedule is None:
+      if self.loss_cfg.schedule.kind == "learned":
+        raise ValueError("a learned schedule's parameters are in the train state: pass run_schedule(cfg.loss, state)")
+      schedule = schedule_lib.from_config(self.loss_cfg)
+    s, size = self._settings(float(cfg_scale)), self.settings.batch_size
+    generator, scales = self.generators[generate.guidance_of(s, None)], generate.guidance_scales(s)
     images, labels, calls = [], [], []
     for start in range(0, len(self.indices), size):
       rows = self.indices[start:start + size][shd.host_rows(self.mesh, size)]
-      out = shd.to_host(generator({"params": ema_params}, *self.fixed, shd.shard_batch(self.mesh, rows)))
+      out = shd.to_host(generator(schedule, scales, {"params": ema_params}, *self.fixed,
+                                  shd.shard_batch(self.mesh, rows)))
       images.append(out[0])
       labels.append(out[1])
       calls.append(float(out[2]))
@@ -129,8 +153,9 @@ class Evaluation:
     """Evaluates the EMA weights of `state`, logs the metrics at `step` and returns them."""
     tick = time.perf_counter()
     record = {}
-    for scale in self.generators:
-      images, labels, calls = self.sample(state.ema_params, scale)
+    schedule = run_schedule(self.loss_cfg, state)
+    for scale in self.scales:
+      images, labels, calls = self.sample(state.ema_params, scale, schedule)
       metrics = {**self.metrics.compute(images, labels), "model_calls": calls}
       record.update({tag(scale, k): float(v) for k, v in metrics.items()})
     record[SECONDS] = time.perf_counter() - tick

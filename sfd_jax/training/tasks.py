@@ -113,8 +113,9 @@ def dino_preprocess(cfg, image_size: int):
 
 
 def sample_hook(cfg, model, stats):
-  """Every `sample_every` steps: samples from fixed noise and labels with the EMA params; a PNG grid through the
-  texture VAE when one is configured, else the latents' statistics and a picture of three texture channels."""
+  """Every `sample_every` steps: samples from fixed noise and labels with the EMA params and the run's schedule
+  (`evaluation.run_schedule`); a PNG grid through the texture VAE when one is configured, else the latents'
+  statistics and a picture of three texture channels."""
   n, c_sem = cfg.sample.num_images, cfg.loss.semantic_channels
   c_tex = model.in_channels - c_sem  # the latent is [texture | semantic]; c_sem = 0 is the plain LightningDiT
   labels = np.asarray([cfg.sample.labels[i % len(cfg.sample.labels)] if cfg.sample.labels else i % model.num_classes
@@ -124,13 +125,12 @@ def sample_hook(cfg, model, stats):
   vae = extract_lib.load_encoder("texture", cfg.sample.texture_vae) if cfg.sample.texture_vae else None
   mean, std = (np.asarray(stats["texture"][k], np.float32) for k in ("mean", "std"))
 
-  @jax.jit
-  def sample_fixed(ema_params, vae_variables):
+  def sample_fixed(schedule, ema_params, vae_variables):
     variables = {"params": ema_params}
     velocity = (sampler.cfg_velocity(model, variables, cfg.sample.cfg_scale, model.num_classes,
                                      cfg.sample.cfg_interval_start, "both", c_sem)
                 if cfg.sample.cfg_scale > 1 else sampler.model_velocity(model, variables))
-    final, _ = sampler.sample(velocity, z, jnp.asarray(labels), delta_t=cfg.loss.delta_t, method=cfg.sample.method,
+    final, _ = sampler.sample(velocity, z, jnp.asarray(labels), schedule=schedule, method=cfg.sample.method,
                               num_steps=cfg.sample.num_steps, shift=cfg.sample.shift, rtol=cfg.sample.rtol,
                               atol=cfg.sample.atol, semantic_channels=c_sem)
     if vae is None:
@@ -138,8 +138,11 @@ def sample_hook(cfg, model, stats):
     texture = denormalize_texture(final, mean, std, 1.0, c_tex)
     return to_uint8(vae.model.apply(vae_variables, texture, method=vae.model.decode))
 
+  sample_fixed = generate.schedule_jit(sample_fixed, cfg.sample.method)
+
   def periodic(state, step, writer):
-    out = shd.to_host(sample_fixed(state.ema_params, None if vae is None else vae.variables))
+    schedule = evaluation.run_schedule(cfg.loss, state)
+    out = shd.to_host(sample_fixed(schedule, state.ema_params, None if vae is None else vae.variables))
     if vae is not None:
       writer.write_image(step, "samples", np.asarray(generate.demo_grid(out, labels, min(n, 8))))
       return
