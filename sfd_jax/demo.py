@@ -15,12 +15,17 @@ reused, an unfinished training run continues from its checkpoint):
    scored by the classifier (the class accuracy of the samples, and the Fréchet distance between classifier
    features of samples and held-out digits), with the model calls per sample;
 6. results: the convergence table (both metrics against step, for both runs), `convergence.png`, the final
-   numbers, a grid of samples per run and `results.json`.
+   numbers, a grid of samples per run (named by run and Δ; drawn again only when its run trained further) and
+   `results.json`.
+
+The commands it prints next run with the interpreter that runs it (`.venv/bin/python` from the repository root).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from PIL import Image, ImageDraw
 
 from sfd_jax import generate, plots, sharding as shd
 from sfd_jax.convert import export
@@ -43,6 +49,7 @@ from sfd_jax.training import (checkpoint as ckpt_lib, config as config_lib, eval
                               semvae as semvae_lib, tasks)
 
 NUM_CLASSES = 10
+GRID_TITLE_HEIGHT = 14  # pixels above a sample grid for the line naming its run
 
 
 # ---------------------------------------------------------------------------------------------------------- config
@@ -258,17 +265,22 @@ def classifier_metrics(classifier: DigitClassifier, params, real_features: np.nd
   return evaluation.Metrics(("fd", "class_accuracy"), compute)
 
 
-def write_grid(demo: Demo, name: str, evaluate: evaluation.Evaluation, cfg_scale: float) -> Path:
+def write_grid(demo: Demo, name: str, delta_t: float, evaluate: evaluation.Evaluation, cfg_scale: float) -> Path:
   """`grid_<name>.png`: the run's final EMA weights sampled as its evaluations sample (the same noise), the ten
-  classes along the columns."""
-  _, variables, _ = generate.load_training_run(demo.out / "runs" / name)
+  classes along the columns, under a title naming the run, its Δ and the guidance."""
+  model, variables, stored = generate.load_training_run(demo.out / "runs" / name)
   params = jax.device_put(variables["params"], shd.replicated(evaluate.mesh))  # as in training: no recompiling
-  images, labels, _ = evaluate.sample(params, cfg_scale)
+  images, labels, _ = evaluate.sample(params, cfg_scale, generate.sampling_schedule(stored, model))
   rows = demo.cfg.eval.grid_per_class
   per_class = [images[labels == k][:rows] for k in range(NUM_CLASSES)]
   grid = np.concatenate([np.stack(row) for row in zip(*per_class)])  # each row holds the ten classes in order
   path = demo.out / f"grid_{name}.png"
-  generate.demo_grid(grid, np.tile(np.arange(NUM_CLASSES), rows), NUM_CLASSES).save(path)
+  picture = generate.demo_grid(grid, np.tile(np.arange(NUM_CLASSES), rows), NUM_CLASSES)
+  titled = Image.new("RGB", (picture.width, picture.height + GRID_TITLE_HEIGHT), "white")
+  titled.paste(picture, (0, GRID_TITLE_HEIGHT))
+  title = f"{name} (delta_t = {delta_t:g}), {_scale_name(cfg_scale)}, EMA weights of step {demo.cfg.sfd.steps}"
+  ImageDraw.Draw(titled).text((2, 2), title, fill="black")  # ASCII: PIL's built-in fonts have no Δ
+  titled.save(path)
   return path
 
 
@@ -302,7 +314,8 @@ def real_features(demo: Demo, classifier: DigitClassifier, params) -> tuple[np.n
 def run(out, quick: bool = False) -> dict:
   """Runs (or resumes) every stage; returns the results and writes them to `<out>/results.json`.
 
-  A stage finished by an earlier run is reused and says so; results.json keeps that run's time for it.
+  A stage finished by an earlier run is reused and says so; results.json keeps that run's time for it, and the
+  time of this run (`this_run_s`) apart.
   """
   if jax.process_count() > 1:
     raise UserError("the demo runs in one process; use the training and extraction commands on a pod")
@@ -312,34 +325,38 @@ def run(out, quick: bool = False) -> dict:
   results_path = demo.out / "results.json"
   earlier = json.loads(results_path.read_text()).get("timings_s", {}) if results_path.exists() else {}
   timings, reused = {}, []
+  runs, scales = {"sfd": demo.cfg.sfd.delta_t, "sync": 0.0}, tuple(demo.cfg.eval.cfg_scales)
+  count = 5 + len(runs)  # four preparation stages, the SFD runs, the grids
 
-  def stage(name, done: Path | None, fn, *args):
+  def stage(name, again: bool, fn, *args):
     tick = time.perf_counter()
-    again = done is not None and done.exists()
-    print(f"== {name}" + (": reused (finished by an earlier run)" if again else f" (at {tick - start:.0f} s)"),
-          flush=True)
+    print(f"== stage {len(timings) + 1}/{count}, {name}" + (": reused (finished by an earlier run)" if again else "")
+          + f" (at {tick - start:.0f} s)", flush=True)
     result = fn(*args)
     if again:
       reused.append(name)
     timings[name] = earlier[name] if again and name in earlier else round(time.perf_counter() - tick, 1)
     return result
 
-  texture_dir = stage("texture VAE", demo.out / "texture_vae" / "model.json", demo.texture_vae)
+  texture_dir = stage("texture VAE", (demo.out / "texture_vae" / "model.json").exists(), demo.texture_vae)
   classifier, classifier_params, dino_dir = stage("semantic encoder (DINOv2-architecture classifier)",
-                                                  demo.out / "dino" / "model.json", demo.classifier)
-  semvae_dir = stage("SemVAE", demo.out / "semvae" / "model.json", demo.semvae, dino_dir)
-  stage("extraction", demo.out / "latents" / latents_lib.NAME / latents_lib.VERSION / "stats.json", demo.extract,
-        texture_dir, dino_dir, semvae_dir)
+                                                  (demo.out / "dino" / "model.json").exists(), demo.classifier)
+  semvae_dir = stage("SemVAE", (demo.out / "semvae" / "model.json").exists(), demo.semvae, dino_dir)
+  stage("extraction", (demo.out / "latents" / latents_lib.NAME / latents_lib.VERSION / "stats.json").exists(),
+        demo.extract, texture_dir, dino_dir, semvae_dir)
   reference, heldout_accuracy = real_features(demo, classifier, classifier_params)
   metrics = classifier_metrics(classifier, classifier_params, reference)
-  runs, scales = {"sfd": demo.cfg.sfd.delta_t, "sync": 0.0}, tuple(demo.cfg.eval.cfg_scales)
-  evaluators = {}
+  evaluators, trained = {}, []
   for name, delta_t in runs.items():
-    finished = demo.out / "runs" / name / "checkpoints" / str(demo.cfg.sfd.steps)
+    finished = (demo.out / "runs" / name / "checkpoints" / str(demo.cfg.sfd.steps)).exists()
     evaluators[name] = stage(f"{'SFD' if delta_t else 'synchronous'} training (Δ = {delta_t}), evaluated every "
                              f"{demo.cfg.eval.every} steps", finished, demo.sfd, name, delta_t, metrics)
+    if not finished:
+      trained.append(name)
   guided = max(scales)
-  stage("sample grids", None, lambda: [write_grid(demo, name, evaluators[name], guided) for name in runs])
+  redraw = [name for name in runs if name in trained or not (demo.out / f"grid_{name}.png").exists()]
+  stage("sample grids", not redraw,
+        lambda: [write_grid(demo, name, runs[name], evaluators[name], guided) for name in redraw])
   results = {"quick": quick, "classifier_heldout_accuracy": heldout_accuracy, "cfg_scales": list(scales),
              "samples_per_evaluation": demo.cfg.eval.per_class * NUM_CLASSES, "runs": {}}
   for name, delta_t in runs.items():
@@ -363,14 +380,33 @@ def run(out, quick: bool = False) -> dict:
   print(table(results), flush=True)
   print(convergence_table(results), flush=True)
   print(f"wrote {convergence_png}", flush=True)
+  print(f"compare the runs' curves:\n  {plot_command(demo.out)}", flush=True)
   print(f"sample from the trained SFD model:\n  {sample_command(demo.out)}", flush=True)
   return results
 
 
+def python_command() -> str:
+  """The interpreter running the demo, as the next command should name it: relative to the current directory when
+  under it (`.venv/bin/python` from the repository root), which a shell without the venv activated runs too."""
+  python = Path(sys.executable)
+  try:
+    relative = python.relative_to(Path.cwd())
+  except ValueError:
+    return shlex.quote(str(python))
+  return shlex.quote(str(relative) if relative.parent != Path(".") else f"./{relative}")  # not a PATH lookup
+
+
+def plot_command(out: Path) -> str:
+  """The `cli.plot` command that draws both SFD runs' Fréchet distance into `<out>/runs/sfd/plots/`."""
+  runs = " ".join(shlex.quote(str(out / "runs" / name)) for name in ("sfd", "sync"))
+  return f"{python_command()} -m sfd_jax.cli.plot {runs} --metric=fd"
+
+
 def sample_command(out: Path) -> str:
   """The `cli.sample` command for a grid from the demo's SFD run: every input it needs is under `out`."""
-  return (f"python -m sfd_jax.cli.sample --model={out}/runs/sfd --vae={out}/texture_vae --stats={out}/latents "
-          f"--demo --num_images=20 --cfg_scale=2.0 --out={out}/samples")
+  quoted = {name: shlex.quote(str(out / name)) for name in ("runs/sfd", "texture_vae", "latents", "samples")}
+  return (f"{python_command()} -m sfd_jax.cli.sample --model={quoted['runs/sfd']} --vae={quoted['texture_vae']} "
+          f"--stats={quoted['latents']} --demo --num_images=20 --cfg_scale=2.0 --out={quoted['samples']}")
 
 
 def table(results: dict) -> str:
@@ -383,8 +419,11 @@ def table(results: dict) -> str:
   for name, r in results["runs"].items():
     lines.append(f"| {name} | {r['delta_t']} | {r['class_accuracy']:.3f} | {r['fd_classifier_features']:.2f} | "
                  f"{r['model_calls_per_sample']} |")
-  reused = f" ({len(results['reused_stages'])} stages reused from an earlier run)" if results["reused_stages"] else ""
-  lines.append(f"total time {results['timings_s']['total']:.0f} s{reused}")
+  lines.append(f"this run took {results['this_run_s']:.0f} s")
+  if results["reused_stages"]:
+    reused = sum(results["timings_s"][name] for name in results["reused_stages"])
+    lines[-1] += (f"; it reused {len(results['reused_stages'])} stages that took {reused:.0f} s when an earlier run "
+                  "ran them")
   return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ already written changed; a bug in the library keeps its traceback; --help exits 
 import ast
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -96,7 +97,7 @@ def test_a_workdir_guide_is_read_at_the_chosen_step(smoke, tmp_path):
      "error: bad command line: flag --batch_size=0: "),
     ("sample", ("--model=m", "--vae=v", "--stats=s", "--out={tmp}", "--num_images=-3"),
      "error: bad command line: flag --num_images=-3: "),
-    ("sample", ("--model=m", "--vae=v", "--stats=s", "--out={tmp}", "--model_kwargs={depth: 2}"),
+    ("sample", ("--model={here}", "--vae={here}", "--stats={here}", "--out={tmp}", "--model_kwargs={depth: 2}"),
      "error: --model_kwargs must be JSON"),
     ("evaluate", ("--ref=r.npz", "--samples=s.npz", "--per_device_batch=0"),
      "error: bad command line: flag --per_device_batch=0: "),
@@ -106,7 +107,7 @@ def test_a_workdir_guide_is_read_at_the_chosen_step(smoke, tmp_path):
      "error: bad command line: flag --shard_size=0: "),
 ])
 def test_bad_flags_are_one_sentence(tmp_path, command, args, expected):
-  result = cli(command, *(a.replace("{tmp}", str(tmp_path / "out")) for a in args))
+  result = cli(command, *(a.replace("{tmp}", str(tmp_path / "out")).replace("{here}", str(tmp_path)) for a in args))
   assert user_error(result).startswith(expected), result.stderr[-1000:]
   assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
 
@@ -151,3 +152,100 @@ def test_help_exits_0_and_keeps_its_example_lines():
     doc = ast.get_docstring(ast.parse((REPO / "sfd_jax" / "cli" / f"{name}.py").read_text()), clean=False)
     assert all(len(line) <= 120 for line in doc.splitlines()), name  # a `\`-joined example would be longer
     assert "DESIGN.md" not in doc, name
+
+
+# ------------------------------------------------------------------------------------- a newcomer's first mistakes
+
+def _unusable_directories(tmp_path):
+  """{case: (a run directory that cannot be made, what the error names)}: an existing file, a path under a file (a
+  parent that does not exist and cannot be made) and a path under a read-only directory (for root, who writes
+  any directory, a read-only file system)."""
+  (tmp_path / "notes.txt").write_text("keep me")
+  if os.geteuid() == 0:
+    read_only = ("/sys/sfd_jax_test/run", "Operation not permitted")
+  else:
+    (tmp_path / "locked").mkdir(mode=0o555)
+    read_only = (str(tmp_path / "locked" / "run"), f"{tmp_path / 'locked'} is not writable")
+  return {"existing file": (str(tmp_path / "notes.txt"), f"{tmp_path / 'notes.txt'} is a file, not a directory"),
+          "under a file": (str(tmp_path / "notes.txt" / "run"), f"{tmp_path / 'notes.txt'} is a file, not a directory"),
+          "read-only parent": read_only}
+
+
+def test_a_run_directory_that_cannot_be_made_is_one_sentence(tmp_path):
+  """train, sample, extract and demo first make `<dir>/logs`: a path that cannot be a directory names why, and the
+  file in the way is left as it was."""
+  cases = _unusable_directories(tmp_path)
+  for case, (directory, why) in cases.items():
+    message = user_error(cli("train", f"--config={SMOKE}", f"--workdir={directory}"))
+    assert message.startswith(f"error: cannot create {directory}/logs: {why}; choose a run directory"), (case,
+                                                                                                          message)
+  inputs = tmp_path / "inputs"  # only their existence is checked before the directory is made
+  inputs.mkdir()
+  directory, why = cases["existing file"]
+  for command, args in (("sample", (f"--model={inputs}", f"--vae={inputs}", f"--stats={inputs}")),
+                        ("extract", (f"--texture_vae={inputs}", f"--dino={inputs}", f"--semvae={inputs}")),
+                        ("demo", ("--quick",))):
+    message = user_error(cli(command, *args, f"--out={directory}"))
+    assert message.startswith(f"error: cannot create {directory}/logs: {why}"), (command, message)
+  assert (tmp_path / "notes.txt").read_text() == "keep me"
+  assert not (tmp_path / "locked").exists() or not any((tmp_path / "locked").iterdir())
+
+
+def test_a_missing_config_file_is_one_sentence_from_any_directory(tmp_path):
+  missing = user_error(cli("train", "--config=configs/nope.py", f"--workdir={tmp_path / 'run'}"))
+  assert missing.startswith("error: --config=configs/nope.py: the config file configs/nope.py does not exist "
+                            f"(relative paths are read from the current directory, {os.getcwd()})"), missing
+  # Outside the repository the relative path of every example misses too: the error names the file it meant.
+  outside = subprocess.run([sys.executable, "-m", "sfd_jax.cli.train", "--config", "configs/smoke.py:unused",
+                            f"--workdir={tmp_path / 'run'}"], env={**subprocess_env(), "PYTHONPATH": str(REPO)},
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert user_error(outside).endswith(f"did you mean {REPO / 'configs' / 'smoke.py'}?)"), outside.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_missing_inputs_and_bad_json_are_one_sentence(tmp_path):
+  """A missing --model is named before anything is written (no empty <out>/logs/); a --model_kwargs that is not
+  JSON is named with an example."""
+  (tmp_path / "vae").mkdir()
+  (tmp_path / "stats.json").write_text("{}")
+  out = tmp_path / "out"
+  missing = user_error(cli("sample", f"--model={tmp_path / 'nope'}", f"--vae={tmp_path / 'vae'}",
+                           f"--stats={tmp_path / 'stats.json'}", f"--out={out}"))
+  assert missing == f"error: --model={tmp_path / 'nope'} does not exist", missing
+  assert not out.exists()
+  checkpoint = tmp_path / "0400000.pt"
+  checkpoint.write_bytes(b"not read: the flag is checked first")
+  bad_json = user_error(cli("convert", "--kind=dit", f"--checkpoint={checkpoint}", f"--out={out}",
+                            "--model_kwargs=notjson"))
+  assert bad_json.startswith("error: --model_kwargs must be JSON (e.g. --model_kwargs='{\"depth\": 12}'), got "
+                             "'notjson'"), bad_json
+  assert not out.exists() and checkpoint.read_bytes() == b"not read: the flag is checked first"
+
+
+SIGTERM_DURING_IMPORTS = '''
+import os, signal, sys
+
+class SigtermOnImport:
+  """Sends this process SIGTERM as it first imports `{module}`: in the middle of a command's start-up imports."""
+  def find_spec(self, name, path=None, target=None):
+    if name == "{module}":
+      sys.meta_path.remove(self)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return None
+
+sys.meta_path.insert(0, SigtermOnImport())
+'''
+
+
+@pytest.mark.parametrize("module", ["absl", "jax"])
+def test_sigterm_during_the_imports_is_a_preemption(tmp_path, module):
+  """The earliest SIGTERM a command can take as a preemption: as it imports absl (its first import after the
+  `sfd_jax.cli` package) and JAX (seconds of loading), before `common.run` installs its handler."""
+  (tmp_path / "site").mkdir()
+  (tmp_path / "site" / "sitecustomize.py").write_text(SIGTERM_DURING_IMPORTS.replace("{module}", module))
+  env = {**subprocess_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(REPO)])}
+  result = subprocess.run([sys.executable, "-m", "sfd_jax.cli.train", f"--config={SMOKE}",
+                           f"--workdir={tmp_path / 'run'}"], env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 75 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines() == ["preempted: stopped by SIGTERM: run the same command again to resume"]
+  assert not (tmp_path / "run").exists()

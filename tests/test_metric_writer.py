@@ -39,8 +39,9 @@ def test_records_in_order_resume_appends_and_plots_show_the_file(tmp_path):
               + [{"step": s, "loss": 2.0, "lr": 0.25} for s in range(121, 131)])
   assert _lines(tmp_path / "metrics.jsonl") == expected
   # The writer drew its plots from the records it holds: the same picture as one drawn from the file.
-  plots.write_run_plots(tmp_path / "from_file", plots.read_jsonl(tmp_path / "metrics.jsonl"))
-  drawn, reference = (np.asarray(Image.open(d / "plots" / "training.png")) for d in (tmp_path, tmp_path / "from_file"))
+  from_file = tmp_path / "from_file" / tmp_path.name  # a run of the same name: the same title
+  plots.write_run_plots(from_file, plots.read_jsonl(tmp_path / "metrics.jsonl"))
+  drawn, reference = (np.asarray(Image.open(d / "plots" / "training.png")) for d in (tmp_path, from_file))
   np.testing.assert_array_equal(drawn, reference)
 
 

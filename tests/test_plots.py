@@ -108,3 +108,67 @@ def test_hparams_of_the_config_reach_tensorboard(tmp_path):
   assert hparams["optim.lr"].number_value == 1e-4 and hparams["loss.repa_mode"].string_value == "cos"
   assert hparams["eval.cfg_scales"].string_value == "[1.0]" and hparams["data.flip"].bool_value is True
   assert [m.name.tag for m in data["_hparams_/experiment"].experiment.metric_infos] == ["loss", "eval/cfg1/fid"]
+
+
+def _write_demo_like_run(workdir, delta_t, fd_start):
+  """A run as the demo's SFD stage leaves it: evaluations log the Fréchet distance `fd` (not `fid`), unguided and
+  guided, and config.json holds the semantic lead Δ."""
+  workdir.mkdir(parents=True)
+  lines = [{"step": s, "loss": 1.0 / s, "loss_cos": 0.5 / s, "loss_repa": 0.1 / s, "grad_norm": 2e5 if s == 10 else 3.0}
+           for s in (10, 20)]
+  lines += [{"step": s, "eval/cfg1/fd": fd_start / s, "eval/cfg2/fd": fd_start / s / 2, "eval/seconds": 1.0}
+            for s in (10, 20)]
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+  (workdir / "config.json").write_text(json.dumps({"loss": {"delta_t": delta_t}}))
+
+
+def test_cli_plot_defaults_to_a_metric_the_runs_log_and_writes_next_to_them(tmp_path):
+  """The demo's runs log `fd`: without --metric the plot draws it into the first run's plots/, not the current
+  directory; --metric=fid (no such key) is one sentence that lists `fd`."""
+  _write_demo_like_run(tmp_path / "runs" / "sfd", 0.3, 300.0)
+  _write_demo_like_run(tmp_path / "runs" / "sync", 0.0, 200.0)
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  result = subprocess.run([sys.executable, "-m", "sfd_jax.cli.plot", str(tmp_path / "runs" / "sfd"),
+                           str(tmp_path / "runs" / "sync")], env=subprocess_env(), cwd=elsewhere,
+                          capture_output=True, text=True, timeout=300)
+  out = tmp_path / "runs" / "sfd" / "plots" / "compare_fd.png"
+  assert result.returncode == 0 and f"wrote {out}" in result.stdout, result.stderr[-2000:]
+  assert np.asarray(Image.open(out).convert("RGB")).shape == (500, 800, 3) and not any(elsewhere.iterdir())
+  for name, rgb in CYCLE.items():  # two runs × two guidance scales
+    assert _pixels_near(np.asarray(Image.open(out).convert("RGB")), rgb) > 100, name
+  fid = _plot(tmp_path / "runs" / "sfd", "--metric=fid")
+  errors = [line for line in fid.stderr.splitlines() if line.startswith("error:")]
+  assert fid.returncode == 2 and "Traceback" not in fid.stderr and len(errors) == 1, fid.stderr[-2000:]
+  assert errors[0].startswith("error: no run logs 'fid'; these do: ") and " fd," in errors[0], errors[0]
+
+
+def test_pictures_name_runs_their_delta_and_metrics_in_words(tmp_path):
+  from sfd_jax import plots
+  _write_demo_like_run(tmp_path / "sfd", 0.3, 300.0)
+  _write_demo_like_run(tmp_path / "sync", 0.0, 200.0)
+  logs = [plots.read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("sfd", "sync")]
+  labels = plots.run_labels([tmp_path / "sfd", tmp_path / "sync"], logs)
+  assert labels == ["sfd (Δ = 0.3)", "sync (Δ = 0)"]
+  runs = dict(zip(labels, logs))
+  # A run of another objective on the same base config (the demo's texture VAE) has no Δ to name.
+  (tmp_path / "vae").mkdir()
+  (tmp_path / "vae" / "config.json").write_text(json.dumps({"loss": {"delta_t": 0.3}}))
+  assert plots.run_labels([tmp_path / "vae"], [[{"step": 1, "loss_kl": 1.0}]]) == ["vae"]
+  ax = plots.runs_figure(runs, [(plots.readable("fd"), "fd")]).axes[0]
+  assert ax.get_title() == "Fréchet distance"
+  assert ax.get_legend_handles_labels()[1] == ["sfd (Δ = 0.3), unguided", "sfd (Δ = 0.3), CFG 2",
+                                               "sync (Δ = 0), unguided", "sync (Δ = 0), CFG 2"]
+  panels = {ax.get_title(): ax for ax in plots.eval_figure(runs["sfd (Δ = 0.3)"]).axes if ax.get_title()}
+  assert set(panels) == {"Fréchet distance", "seconds per evaluation"}
+  assert panels["Fréchet distance"].get_legend_handles_labels()[1] == ["unguided", "CFG 2"]
+  figures = plots.run_figures(tmp_path / "sfd", runs["sfd (Δ = 0.3)"])  # the run's own plots/
+  assert {name: figure.get_suptitle() for name, figure in figures.items()} == {"training.png": "sfd (Δ = 0.3)",
+                                                                                "eval.png": "sfd (Δ = 0.3)"}
+  # The first gradient norms of an SFD run (the cosine loss at the zero-initialised output) come with their reason.
+  training = {ax.get_title(): ax for ax in figures["training.png"].axes if ax.get_title()}
+  assert set(training) == {"loss", "cosine velocity loss", "REPA loss", "gradient norm"}
+  assert [t.get_text() for t in training["gradient norm"].texts] == [plots.GRAD_NORM_NOTE]
+  assert "zero-initialised" in plots.GRAD_NORM_NOTE and training["gradient norm"].get_yscale() == "log"
+  semvae = [{"step": s, "loss": 1.0, "loss_cos": 0.5, "grad_norm": 2e5} for s in (10, 20)]  # a cosine loss, not SFD's
+  assert not any(ax.texts for ax in plots.training_figure(semvae).axes)

@@ -5,11 +5,13 @@ ends in one `error: ...` line and exit status 2; a preempted run exits 75 once i
 same command again to resume), and so does a SIGTERM at any other time (start-up, restore: a preemption too);
 anything else is a bug in sfd_jax and keeps its traceback, with a one-line summary last (exit 1). The terminal
 shows stage lines, progress and results (`sfd_jax.console.say`) and warnings; library INFO logs go to
-`<run directory>/logs/<command>.log` unless `--verbosity` is given, which shows them as well.
+`<run directory>/logs/<command>.log` unless `--verbosity` is given, which shows them as well. Nothing is written
+before the inputs are found: a missing input file, config file or an unusable run directory is one sentence.
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -18,8 +20,10 @@ from pathlib import Path
 
 import jax
 from absl import app, flags, logging as absl_logging
+from ml_collections import config_flags
 
 from sfd_jax import storage
+from sfd_jax.cli import SIGTERM_MESSAGE
 from sfd_jax.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
 
 flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs outside a TPU pod.")
@@ -30,11 +34,12 @@ HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--hel
 DEFAULT_CACHE = Path.home() / ".cache" / "sfd_jax" / "xla"
 
 
-def run(main: Callable, *, log_dir: Callable[[], str | None] | None = None, distributed: bool = False,
-        positional: bool = False) -> None:
+def run(main: Callable, *, log_dir: Callable[[], str | None] | None = None, inputs: tuple[str, ...] = (),
+        distributed: bool = False, positional: bool = False) -> None:
   """Runs an absl `main` as every sfd_jax command runs (see the module docstring).
 
   `log_dir` returns the directory (from the parsed flags) whose `logs/` gets the library log, or None for none;
+  `inputs` names the flags whose paths must exist (checked before anything is written);
   `distributed` starts jax.distributed on a multi-process cluster (for the commands every host runs);
   `positional`: the command takes arguments besides its flags (`cli.plot`'s run directories).
   """
@@ -45,6 +50,7 @@ def run(main: Callable, *, log_dir: Callable[[], str | None] | None = None, dist
       _quiet_terminal()
       started = start_distributed() if distributed else None
       storage.check_reachable(*(value for _, value in _url_values(flags.FLAGS)))  # before the first bucket access
+      check_inputs_exist(inputs)
       _log_to_file(log_dir() if log_dir else None)
       if started:
         logging.info("%s", started)
@@ -66,7 +72,7 @@ def run(main: Callable, *, log_dir: Callable[[], str | None] | None = None, dist
   try:
     app.run(wrapped, flags_parser=parse_flags)
   except _Stopped:
-    print("preempted: stopped by SIGTERM: run the same command again to resume", file=sys.stderr, flush=True)
+    print(SIGTERM_MESSAGE, file=sys.stderr, flush=True)
     sys.exit(EXIT_PREEMPTED)
 
 
@@ -86,9 +92,13 @@ def parse_flags(argv):
   """absl `flags_parser`: a bad flag or config override (e.g. a typo in --config.optim.lrr) ends in one sentence
   naming it; --help exits 0."""
   try:
+    _check_config_files(argv)
     remaining = flags.FLAGS(argv)
   except SystemExit as e:
     sys.exit(0 if any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]) else e.code)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     message = str(e).strip().strip("'").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
     print(f"error: bad command line: {message}", file=sys.stderr)
@@ -99,6 +109,37 @@ def parse_flags(argv):
             file=sys.stderr)
       sys.exit(EXIT_USER_ERROR)
   return remaining
+
+
+def _check_config_files(argv) -> None:
+  """A config file flag (`--config=configs/x.py[:arg]`) names a file that exists; ml_collections would defer its
+  failure to the first access, a traceback."""
+  for arg, following in zip(argv[1:], [*argv[2:], None]):
+    name, has_value, value = arg.lstrip("-").partition("=")
+    value = value if has_value else following  # --config=FILE or --config FILE
+    if not (arg.startswith("-") and value is not None and name in flags.FLAGS
+            and isinstance(flags.FLAGS[name].parser, config_flags.config_flags.ConfigFileFlagParser)):
+      continue
+    file = value.split(":", 1)[0]
+    if not os.path.isfile(file):
+      raise UserError(f"--{name}={value}: the config file {file} does not exist{_relative_hint(file)}")
+
+
+def _relative_hint(path: str) -> str:
+  """Where a relative path was looked for, and the path under the repository it may have meant."""
+  if storage.is_url(path) or os.path.isabs(path):
+    return ""
+  hint = f" (relative paths are read from the current directory, {os.getcwd()}"
+  in_repository = Path(__file__).resolve().parents[2] / path
+  return hint + (f"; did you mean {in_repository}?)" if in_repository.exists() else ")")
+
+
+def check_inputs_exist(names) -> None:
+  """Each flag in `names` that is set names a path (local or gs://) that exists."""
+  for name in names:
+    value = flags.FLAGS[name].value
+    if value and not storage.path(value).exists():
+      raise UserError(f"--{name}={value} does not exist{_relative_hint(value)}")
 
 
 def json_flag(name: str):
@@ -153,12 +194,29 @@ def _log_to_file(directory) -> None:
   root = logging.getLogger()
   command = Path(getattr(sys.modules["__main__"], "__file__", "sfd_jax")).stem
   suffix = "" if jax.process_index() == 0 else f".process{jax.process_index()}"
-  path = storage.path(directory) / "logs" / f"{command}{suffix}.log"
-  path.parent.mkdir(parents=True, exist_ok=True)
+  path = make_directory(storage.path(directory) / "logs") / f"{command}{suffix}.log"
   handler = logging.FileHandler(storage.mirrored_file(path))
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(message)s"))
   root.addHandler(handler)
   logging.info("command line: %s", " ".join(sys.argv))
+
+
+def make_directory(path):
+  """Creates `path` and its parents; a path that cannot be a directory (under a file, an unwritable or read-only
+  directory) is a user error naming why."""
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    reason = e.strerror or str(e)
+    if not storage.is_url(str(path)):
+      existing = next(p for p in Path(path).parents if p.exists())
+      if not existing.is_dir():
+        reason = f"{existing} is a file, not a directory"
+      elif not os.access(existing, os.W_OK):
+        reason = f"{existing} is not writable"
+    raise UserError(f"cannot create {path}: {reason}; choose a run directory (--workdir, --out) you can write "
+                    "to") from None
+  return path
 
 
 def _enable_compilation_cache() -> None:

@@ -19,7 +19,6 @@ says what was skipped (the optimizer state, a pickled config, ...).
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 
@@ -51,9 +50,8 @@ def main(argv):
   if FLAGS.to_torch:
     path = convert_to_torch(FLAGS.checkpoint, FLAGS.out)
   else:
-    kwargs = json.loads(FLAGS.model_kwargs) if FLAGS.model_kwargs else None
-    path = convert_to_flax(FLAGS.kind, FLAGS.checkpoint, FLAGS.out, FLAGS.preset, kwargs, FLAGS.embed_dim,
-                           FLAGS.semantic_stats, FLAGS.which)
+    path = convert_to_flax(FLAGS.kind, FLAGS.checkpoint, FLAGS.out, FLAGS.preset, common.json_flag("model_kwargs"),
+                           FLAGS.embed_dim, FLAGS.semantic_stats, FLAGS.which)
   print(f"wrote {path}")
 
 

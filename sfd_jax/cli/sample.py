@@ -52,8 +52,9 @@ flags.DEFINE_float("rtol", 1e-3, "adaptive solvers: relative tolerance.", lower_
 flags.DEFINE_float("atol", 1e-6, "adaptive solvers: absolute tolerance.", lower_bound=0.0)
 flags.DEFINE_enum("error_norm", "per_sample", sampler.ERROR_NORMS,
                   "adaptive solvers: error norm per sample or per batch.")
-flags.DEFINE_float("delta_t", None, "Semantic lead Δ (default: the model's official semfirst_delta_t, or 0.3).",
-                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float("delta_t", None, "Override the semantic lead Δ of a model with an offset or random_offset "
+                   "schedule (default: the schedule the model was trained with; official files: their "
+                   "semfirst_delta_t, or 0.3).", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_float("cfg_scale", 1.0, "Guidance scale (1: none); CFG unless --guide_model is given.", lower_bound=0.0)
 flags.DEFINE_float("cfg_scale_tex", None, "AutoGuidance: texture scale (default --cfg_scale).", lower_bound=0.0)
 flags.DEFINE_float("cfg_scale_sem", None, "AutoGuidance: semantic scale (default --cfg_scale).", lower_bound=0.0)
@@ -85,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run(main, log_dir=lambda: FLAGS.out, distributed=True)
+  common.run(main, log_dir=lambda: FLAGS.out, inputs=("model", "vae", "stats", "guide_model"), distributed=True)
