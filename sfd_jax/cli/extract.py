@@ -7,7 +7,9 @@ The records are what the official `extract_features.py` of the 2025-12-21 releas
 see `sfd_jax.data.extract`): with the converted official encoders (`cli.convert --kind=semvae` for the released
 Semantic VAE) they are the official latents, up to the posterior samples' random numbers (seeded per image here).
 Encoders are exported model directories (`cli.convert`, `cli.train_semvae`); the texture VAE may also be the
-official LDM checkpoint and DINOv2 a Hugging Face directory or facebookresearch .pth. Run the same command again
+official LDM checkpoint and DINOv2 a Hugging Face directory or facebookresearch .pth. `--pca=FILE` instead of
+`--semvae` makes the semantic latents ReDi-style PCA channels of the DINO tokens (the file `cli.fit_pca` writes;
+train with `--config.loss.semantic_channels=K --config.model.in_channels=32+K`). Run the same command again
 to resume: finished shards are kept, a half-written one is redone. On a multi-host platform every host runs the
 same command and writes every process_count-th shard.
 """
@@ -30,6 +32,8 @@ flags.DEFINE_string("texture_vae", None, "Texture VAE: exported directory or the
 flags.DEFINE_string("dino", None, "DINOv2 with registers: exported directory, Hugging Face directory or .pth.")
 flags.DEFINE_string("semvae", None, "SemVAE: the directory `cli.convert --kind=semvae` or `cli.train_semvae` "
                     "exported.")
+flags.DEFINE_string("pca", None, "Instead of --semvae: a PCA of DINO tokens (the .safetensors `cli.fit_pca` "
+                    "writes), whose K channels become the semantic latents (ReDi-style).")
 flags.DEFINE_integer("resolution", 256, "Crop size: 256, or 512 (texture latents 32×32; DINOv2 reads 2×2 tiles of "
                      "256 px, as the official extraction).", lower_bound=1)
 flags.DEFINE_integer("batch_size", 32, "Images per step on each host (a multiple of its device count).", lower_bound=1)
@@ -45,7 +49,8 @@ flags.DEFINE_integer("seed", 0, "Seed of the posterior samples (noise of image i
 flags.DEFINE_integer("max_images", 0, "Extract only the first N images (0: all).", lower_bound=0)
 flags.DEFINE_integer("num_threads", 16, "Image decoding threads per host.", lower_bound=1)
 flags.DEFINE_string("dtype", None, "Compute dtype of all three encoders (default: as exported, float32).")
-flags.mark_flags_as_required(["out", "texture_vae", "dino", "semvae"])
+flags.mark_flags_as_required(["out", "texture_vae", "dino"])
+flags.mark_flags_as_mutual_exclusive(["semvae", "pca"], required=True)
 FLAGS = flags.FLAGS
 
 
@@ -54,7 +59,9 @@ def main(argv):
   f = FLAGS
   source = images_lib.open_source(f.source, f.path, f.tfds_name, f.split, f.digits_size)
   encoders = {kind: extract_lib.load_encoder(kind, path, dtype=f.dtype)
-              for kind, path in (("texture", f.texture_vae), ("dino", f.dino), ("semvae", f.semvae))}
+              for kind, path in (("texture", f.texture_vae), ("dino", f.dino), ("semvae", f.semvae)) if path}
+  if f.pca:
+    encoders["semvae"] = extract_lib.load_encoder("pca", f.pca)
   settings = extract_lib.Settings(
       resolution=f.resolution, shard_size=f.shard_size, texture_latent=f.texture_latent,
       semantic_latent=f.semantic_latent, latent_dtype=f.latent_dtype,
@@ -67,4 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run(main, log_dir=lambda: FLAGS.out, distributed=True)
+  common.run(main, log_dir=lambda: FLAGS.out, inputs=("texture_vae", "dino", "semvae", "pca"), distributed=True)

@@ -11,7 +11,9 @@ What the official `extract_features.py` (release of 2025-12-21) computes, for ea
   They are the REPA targets, stored as float16 (default, as the official), bfloat16, or not at all, in which case
   the cropped image is stored so a train step can compute them;
 - semantic latent: the SemVAE posterior sample of that token grid (the official `semvae.encode(tokens)[0]`; at
-  512 px of each tile's grid, put back as the DINO tokens are), or its mean.
+  512 px of each tile's grid, put back as the DINO tokens are), or its mean; or, ReDi-style (the official
+  `--semantic_feat_type dino_pca_ch8`), the k channels of a PCA of the tokens (`sfd_jax.data.pca`), deterministic,
+  given in the 'semvae' slot of the encoders as `load_encoder('pca', FILE)`.
 Every random draw comes from fold_in(key(seed), image index), so a record does not depend on its batch, the
 number of devices or the number of hosts, and a resumed extraction continues the same dataset. (The official
 draws from torch's generator seeded 42 + rank: the same distributions, not the same numbers.)
@@ -48,7 +50,7 @@ from sfd_jax.convert import export, files
 from sfd_jax.convert.dinov2 import load_dinov2
 from sfd_jax.convert.io import load_state_dict
 from sfd_jax.convert.texture_vae import load_texture_vae
-from sfd_jax.data import images as images_lib, latents as latents_lib
+from sfd_jax.data import images as images_lib, latents as latents_lib, pca as pca_lib
 from sfd_jax.errors import UserError
 from sfd_jax.models.dinov2 import DINOv2, repa_features
 from sfd_jax.models.layers import posterior_std
@@ -92,9 +94,15 @@ def make_encoder(model, variables, **info) -> Encoder:
 def load_encoder(kind: str, path, *, dtype: str | None = None) -> Encoder:
   """The `kind` ('texture', 'dino' or 'semvae') encoder from an exported model directory (`cli.convert`,
   `cli.train_semvae`), or for 'dino' a Hugging Face directory / facebookresearch .pth, for 'texture' the
-  official LDM checkpoint (SD-VAE f16d32 layout). `dtype` overrides the compute dtype (params stay float32)."""
+  official LDM checkpoint (SD-VAE f16d32 layout). `dtype` overrides the compute dtype (params stay float32).
+  Kind 'pca' is a PCA file (`sfd_jax.data.pca`), the semantic encoder in place of a SemVAE (it computes in
+  float32)."""
+  if kind == "pca":
+    fitted = pca_lib.load(path)
+    return make_encoder(fitted.projection, fitted.variables(), path=str(storage.path(path).absolute()),
+                        **fitted.info())
   if kind not in ENCODER_CLASSES:
-    raise ValueError(f"encoder kind {kind!r} is not one of {sorted(ENCODER_CLASSES)}")
+    raise ValueError(f"encoder kind {kind!r} is not one of {sorted(ENCODER_CLASSES)} or 'pca'")
   path = storage.path(path)
   if not path.exists():
     what = {"texture": "an exported texture VAE or the official LDM .ckpt",
@@ -167,15 +175,16 @@ def latent_layout(texture: Encoder, dino: Encoder, semvae: Encoder, resolution: 
                     f"of {TILE} px that DINOv2 reads; extract at a multiple of {TILE} px")
   tokens = jax.eval_shape(lambda v, x: dino_grid(dino.model, v, x, g), dino.variables, images)
   n, d = tokens.shape[1] * tokens.shape[2], tokens.shape[3]
+  name = "PCA" if isinstance(semvae.model, pca_lib.Projection) else "SemVAE"
   problems = []
   if tex.shape[1] != tex.shape[2]:
     problems.append(f"the texture latent is {tex.shape[1]}×{tex.shape[2]}; square images make square latents")
   if semvae.model.feature_dim != d:
-    problems.append(f"the SemVAE reads {semvae.model.feature_dim}-d features but DINOv2 gives {d}-d tokens; "
-                    "use the DINOv2 the SemVAE was trained on")
+    problems.append(f"the {name} reads {semvae.model.feature_dim}-d features but DINOv2 gives {d}-d tokens; "
+                    f"use the DINOv2 the {name} was trained on")
   trained_on = (semvae.info.get("trained_on") or {}).get("dino_sha256")
   if trained_on and trained_on != dino.info["sha256"]:
-    problems.append(f"the SemVAE was trained on features of DINOv2 weights {trained_on[:12]}…, not of the given "
+    problems.append(f"the {name} was trained on features of DINOv2 weights {trained_on[:12]}…, not of the given "
                     f"ones ({dino.info['sha256'][:12]}…); pass the DINOv2 it was trained with")
   if problems:
     raise UserError("the encoders do not fit together: " + "; ".join(problems))
@@ -200,7 +209,8 @@ def encode_images(variables, images, indices, seed, *, texture, dino, semvae, te
   """uint8 (B, H, W, 3) centre crops → {texture, texture_flip, semantic, semantic_flip[, dino, dino_flip]}.
 
   `variables` = {'texture', 'dino', 'semvae'}; `indices` (B,) are the images' source indices, which with `seed`
-  fix every random draw (streams: 0/1 texture/flip, 2/3 semantic/flip).
+  fix every random draw (streams: 0/1 texture/flip, 2/3 semantic/flip). A PCA `Projection` as `semvae` makes
+  the semantic channels the PCA of the tokens (no posterior: `semantic_mode` does not apply).
   """
   b = images.shape[0]
   both = jnp.concatenate([images, images[:, :, ::-1]])
@@ -212,14 +222,40 @@ def encode_images(variables, images, indices, seed, *, texture, dino, semvae, te
   t = tiles_per_side(images.shape[2])  # the SemVAE, too, reads each tile on its own
   grid = dino_grid(dino, variables["dino"], both, tex.shape[1])
   tokens = grid.reshape(2 * b, -1, grid.shape[-1])
-  mean, logvar = (from_tiles(m, t) for m in semvae.apply(variables["semvae"], to_tiles(grid, t), method="encode"))
-  sem = jnp.concatenate([_latent(mean[:b], logvar[:b], keys, 2, semantic_mode),
-                         _latent(mean[b:], logvar[b:], keys, 3, semantic_mode)])
+  if isinstance(semvae, pca_lib.Projection):  # token by token: tiles do not matter
+    sem = semvae.apply(variables["semvae"], grid)
+  else:
+    mean, logvar = (from_tiles(m, t) for m in semvae.apply(variables["semvae"], to_tiles(grid, t), method="encode"))
+    sem = jnp.concatenate([_latent(mean[:b], logvar[:b], keys, 2, semantic_mode),
+                           _latent(mean[b:], logvar[b:], keys, 3, semantic_mode)])
   out = {"texture": tex[:b], "texture_flip": tex[b:], "semantic": sem[:b], "semantic_flip": sem[b:]}
   if dino_dtype:
     tokens = tokens.astype(dino_dtype)
     out.update(dino=tokens[:b], dino_flip=tokens[b:])
   return out
+
+
+@functools.partial(jax.jit, static_argnames=("dino",))
+def _dino_tokens(variables, images, *, dino):
+  grid = dino_grid(dino, variables, images)
+  return grid.reshape(-1, grid.shape[-1])
+
+
+def image_tokens(source, dino: Encoder, indices, *, resolution: int = 256, batch_size: int = 32,
+                 num_threads: int = 16) -> Iterator[np.ndarray]:
+  """The DINO tokens (n, D) float32 of the images `indices` of `source`, read as the extraction reads them (ADM
+  centre crop at `resolution`, tiles of 256 px), batch by batch on this process's default device; unreadable images
+  are skipped with a warning. For fitting a PCA (`sfd_jax.data.pca.fit`)."""
+  load = functools.partial(_load, source, resolution=resolution)
+  chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+  with ThreadPoolExecutor(num_threads) as pool:
+    for rows in _prefetched(pool, load, chunks):
+      good = [r[1] for r in rows if r[1] is not None]
+      for index, _, _, skipped in (r for r in rows if r[1] is None):
+        logging.warning("skipped unreadable image %d (%s): %s", index, skipped["file"], skipped["reason"])
+      if good:  # padded to a full batch: one compilation
+        tokens = _dino_tokens(dino.variables, np.stack(good + [good[-1]] * (batch_size - len(good))), dino=dino.model)
+        yield np.asarray(tokens[:len(good) * (tokens.shape[0] // batch_size)])
 
 
 # ------------------------------------------------------------------------------------------------------ extraction
@@ -230,7 +266,7 @@ class Settings:
   resolution: int = 256
   shard_size: int = 1000             # source images per shard (about 0.85 GB per shard with fp16 DINO tokens)
   texture_latent: str = "sample"     # sample (official) | mean
-  semantic_latent: str = "sample"    # sample (official) | mean
+  semantic_latent: str = "sample"    # sample (official) | mean, of a SemVAE (a PCA has no posterior)
   latent_dtype: str = "float16"      # float16 | float32
   dino_dtype: str | None = "float16"  # float16 | bfloat16 | None (not stored: the cropped image is stored instead)
   seed: int = 0
@@ -324,8 +360,9 @@ def extract(source, encoders: Mapping[str, Encoder], out, settings: Settings = S
   """Writes the latent dataset of `source` (an `images` source: records and `describe()`) under `out`;
   resumable. Every host calls it.
 
-  `encoders` = {'texture', 'dino', 'semvae'}. Returns on process 0 {'directory', 'records', 'skipped', 'stats'}
-  after the final count, elsewhere None.
+  `encoders` = {'texture', 'dino', 'semvae'}, 'semvae' being a SemVAE or a PCA (`load_encoder('pca', FILE)`),
+  whose channels become the dataset's semantic latents. Returns on process 0 {'directory', 'records', 'skipped',
+  'stats'} after the final count, elsewhere None.
   """
   _check_settings(settings, jax.local_device_count())
   layout = latent_layout(encoders["texture"], encoders["dino"], encoders["semvae"], settings.resolution)
