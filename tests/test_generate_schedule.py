@@ -15,7 +15,8 @@ from ml_collections import ConfigDict
 
 from sfd_jax import generate
 from sfd_jax.convert import export
-from sfd_jax.diffusion import sampler, schedule as schedule_lib
+from sfd_jax.diffusion import sampler
+from sfd_jax.diffusion import schedule as schedule_lib
 from sfd_jax.errors import UserError
 from sfd_jax.models.dit import LightningDiT
 from sfd_jax.models.texture_vae import AutoencoderKL
@@ -77,6 +78,7 @@ def _reference_images(workdir, vae_root, labels, schedule):
   return np.clip(127.5 * np.asarray(decoded) + 128, 0, 255).astype(np.uint8)
 
 
+@pytest.mark.slow  # two CLI trainings (minutes): the full tier; the fast tier keeps the unit tests below
 def test_cli_sample_uses_the_runs_piecewise_linear_schedule(runs):
   batch = runs.samples["piecewise"]
   workdir = runs.root / "piecewise"
@@ -88,6 +90,7 @@ def test_cli_sample_uses_the_runs_piecewise_linear_schedule(runs):
   assert np.abs(batch["arr_0"].astype(int) - sfd).max() > 3  # the run's config also says loss.delta_t = 0.3
 
 
+@pytest.mark.slow  # two CLI trainings (minutes): the full tier; the fast tier keeps the unit tests below
 def test_cli_sample_uses_a_random_offset_runs_fixed_delta(runs):
   batch = runs.samples["random"]
   workdir = runs.root / "random"
@@ -97,6 +100,7 @@ def test_cli_sample_uses_a_random_offset_runs_fixed_delta(runs):
   assert np.abs(batch["arr_0"].astype(int) - default).max() > 3
 
 
+@pytest.mark.slow  # two CLI trainings (minutes): the full tier; the fast tier keeps the unit tests below
 def test_the_sample_grid_during_training_used_the_schedule(runs):
   """The statistics the periodic sample grid logged at step 20 are those of the step-20 EMA weights sampled with
   KNOTS (the smoke config: 8 images, Euler on 8 points, labels 0..7, `sample.seed` noise)."""
@@ -118,6 +122,7 @@ def test_the_sample_grid_during_training_used_the_schedule(runs):
   assert not np.allclose(streams(schedule_lib.Offset(0.3)), expected, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow  # two CLI trainings (minutes): the full tier; the fast tier keeps the unit tests below
 def test_the_evaluation_during_training_uses_the_schedule_and_one_program_per_guidance_rule(runs):
   """An evaluation of the run (cli.sample's settings) scores cli.sample's images; its CFG scales share one compiled
   generator (a second scale compiles nothing)."""

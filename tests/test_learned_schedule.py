@@ -12,9 +12,14 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from sfd_jax import generate, plots, sharding as shd
-from sfd_jax.diffusion import loss as loss_lib, schedule as schedule_lib
-from sfd_jax.training import checkpoint as ckpt_lib, config as config_lib, state as state_lib, step as step_lib
+from sfd_jax import generate, plots
+from sfd_jax import sharding as shd
+from sfd_jax.diffusion import loss as loss_lib
+from sfd_jax.diffusion import schedule as schedule_lib
+from sfd_jax.training import checkpoint as ckpt_lib
+from sfd_jax.training import config as config_lib
+from sfd_jax.training import state as state_lib
+from sfd_jax.training import step as step_lib
 from tests.golden import REPO, subprocess_env
 from tests.tiny import tiny_batch, tiny_config
 
@@ -241,6 +246,7 @@ def learned_runs(tmp_path_factory):
   return straight, resumed
 
 
+@pytest.mark.slow  # three CLI trainings (minutes): the full tier; the probe itself is tested in the fast tier above
 def test_a_learned_run_resumes_bit_exactly(learned_runs):
   (step_a, a), (step_b, b) = (_final_state(run) for run in learned_runs)
   assert step_a == step_b == 8 and a.schedule_raw.shape == (CELLS,)
@@ -248,6 +254,7 @@ def test_a_learned_run_resumes_bit_exactly(learned_runs):
   jax.tree.map(np.testing.assert_array_equal, a, b)  # params, EMA, both optimisers, schedule, rng
 
 
+@pytest.mark.slow  # three CLI trainings (minutes): the full tier; the probe itself is tested in the fast tier above
 def test_a_learned_run_logs_plots_and_loads_its_schedule(learned_runs):
   straight, resumed = learned_runs
   records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]

@@ -15,7 +15,8 @@ from sfd_jax.convert import export
 from sfd_jax.data import extract, images, latents, pca
 from sfd_jax.errors import UserError
 from sfd_jax.models.dinov2 import repa_features
-from sfd_jax.training import config as config_lib, tasks
+from sfd_jax.training import config as config_lib
+from sfd_jax.training import tasks
 from tests.golden import REPO, subprocess_env
 from tests.test_extract import _tiny_encoders
 
@@ -206,6 +207,7 @@ def digit_tokens(pca_dataset):
   return dict(zip(indices, np.asarray(tokens).reshape(len(indices), 2, 256, -1)))
 
 
+@pytest.mark.slow  # CLI fit → extract → train → sample (minutes): the full tier
 def test_fit_pca_command_on_images_is_the_pca_of_their_dino_tokens(pca_dataset, digit_tokens):
   encoders, fitted = pca_dataset[1], pca_dataset[3]
   components, variance, _ = _svd_reference(np.stack([digit_tokens[i][0] for i in FIT_DRAW]), CHANNELS)
@@ -214,6 +216,7 @@ def test_fit_pca_command_on_images_is_the_pca_of_their_dino_tokens(pca_dataset, 
   assert fitted.num_tokens == 6 * 256 and fitted.dino_sha256 == encoders["dino"].info["sha256"]
 
 
+@pytest.mark.slow  # CLI fit → extract → train → sample (minutes): the full tier
 def test_extraction_stores_the_pca_channels_of_the_dino_tokens(pca_dataset, digit_tokens):
   root, _, _, fitted = pca_dataset
   source = latents.LatentSource(root / "data")
@@ -235,6 +238,7 @@ def test_extraction_stores_the_pca_channels_of_the_dino_tokens(pca_dataset, digi
     tasks.latent_source(cfg.data, cfg.model, cfg.loss)
 
 
+@pytest.mark.slow  # CLI fit → extract → train → sample (minutes): the full tier
 def test_fit_pca_command_fits_stored_tokens(pca_dataset):
   """`cli.fit_pca --features=<latent dataset>` equals numpy's SVD of the dataset's stored (un-flipped) tokens, and
   records the DINOv2 digest the dataset was extracted with."""
@@ -255,6 +259,7 @@ def test_fit_pca_command_fits_stored_tokens(pca_dataset):
   assert failed.returncode == 2 and "error: pass --dino" in failed.stderr
 
 
+@pytest.mark.slow  # CLI fit → extract → train → sample (minutes): the full tier
 def test_pca_dataset_trains_and_samples_through_the_commands(pca_dataset):
   root, _, paths, _ = pca_dataset
   overrides = ["data.source=latents", f"data.path={root / 'data'}", "model.input_size=16",
