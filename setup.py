@@ -54,9 +54,9 @@ EXTRAS = {
     "torch": ["torch>=2.13.0"],
     # The tests. transformers' Dinov2WithRegistersModel (torch) is the reference of the DINOv2 parity tests;
     # nbclient and ipykernel execute the Colab notebook; libtpu (jax[tpu]) compiles the planner's TPU programs on
-    # this CPU; gcp-storage-emulator stands in for Cloud Storage.
+    # this CPU; gcp-storage-emulator stands in for Cloud Storage; ruff is the linter tests/test_lint.py runs.
     "test": ["pytest>=9.2.0", "pytest-timeout>=2.4.0", "nbformat>=5.11.1", "nbclient>=0.11.0", "ipykernel>=7.4.0",
-             "transformers>=5.23.0", "jax[tpu]>=0.10.2", "gcp-storage-emulator>=2026.7.19", *GCS],
+             "transformers>=5.23.0", "jax[tpu]>=0.10.2", "gcp-storage-emulator>=2026.7.19", "ruff>=0.17.6", *GCS],
 }
 
 setup(

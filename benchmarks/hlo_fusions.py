@@ -47,9 +47,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sfd_jax import plan, sharding as shd
-from sfd_jax.plan import hlo, hlo_costs
 from sfd_jax.chips import chip_of
 from sfd_jax.errors import UserError
+from sfd_jax.plan import hlo, hlo_costs
 
 config_flags.DEFINE_config_file("config", "configs/sfd_xl.py", "Training config.")
 flags.DEFINE_string("topology", "v5e-64", "TPU slice (a Cloud TPU name or a JAX topology string).")

@@ -20,7 +20,10 @@ from pathlib import Path
 from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sfd_jax import demo as demo_lib, plots  # noqa: E402
+from sfd_jax import (
+  demo as demo_lib,  # noqa: E402
+  plots,
+)
 from sfd_jax.cli import common  # noqa: E402
 from sfd_jax.console import say  # noqa: E402
 from sfd_jax.data import latents as latents_lib  # noqa: E402

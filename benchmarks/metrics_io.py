@@ -10,8 +10,9 @@ and the plots' bookkeeping every step), no checkpoints or samples, stopped by SI
 a step is the time between two of its progress lines as this script reads them, so everything process 0 does
 between steps counts, the metrics writer's uploads and plot drawing included: on a pod the other hosts wait that
 long at the next collective. Printed: steps done, median and 99th-percentile step time, the longest step, the
-steps over half a second, and the time lost to steps longer than 3 × the median (stalls). With several trees and repeats the runs alternate (tree,
-then workdir, within each repeat), so that a machine's changing load falls on all of them alike.
+steps over half a second, and the time lost to steps longer than 3 × the median (stalls). With several trees and
+repeats the runs alternate (tree, then workdir, within each repeat), so that a machine's changing load falls on all
+of them alike.
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def main():
       finally:
         server.kill()
   print(f"metrics I/O on the step path: {cpu_model()} ({os.cpu_count()} cores), "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, smoke config, log_every=1, "
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, smoke config, log_every=1, "
         f"{args.repeats} × {args.seconds:.0f} s per tree and workdir")
   print("| tree | workdir | steps | median ms | p99 ms | longest ms | steps > 0.5 s | stalled s | stalled share |")
   print("|---|---|---|---|---|---|---|---|---|")

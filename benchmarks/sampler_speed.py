@@ -93,9 +93,8 @@ def bench_jax(models, z, y):
 
 def bench_torch(models, z, y, compile_models: bool):
   import torch
-  import torchdiffeq
-
   import torch_reference
+  import torchdiffeq
   device = "cuda" if torch.cuda.is_available() else "cpu"
   nets = []
   for model, variables in models:

@@ -63,8 +63,8 @@ def time_steps(run, steps):
 def cpu_model() -> str:
   """The processor's model name (Linux /proc/cpuinfo), e.g. 'AMD EPYC', and its core count."""
   try:
-    names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-             if l.startswith("model name")]
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")]
   except OSError:
     names = []
   return f"{names[0] if names else 'unknown CPU'}, {os.cpu_count()} cores"
@@ -101,7 +101,6 @@ def bench_jax(cfg, steps, warmup):
 
 def bench_torch(cfg, steps, warmup, compile_model: bool = False):
   import torch
-
   import torch_reference
   golden_error = torch_reference.check_against_golden(GOLDEN)
   device = "cuda" if torch.cuda.is_available() else "cpu"

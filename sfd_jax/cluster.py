@@ -15,6 +15,7 @@ import dataclasses
 import logging
 
 import jax
+
 # Private: JAX has no public cluster detection (see above); tests/test_cluster.py pins its behaviour.
 from jax._src import clusters
 

@@ -45,8 +45,15 @@ from sfd_jax.eval import fid
 from sfd_jax.models.dinov2 import DINOv2, preprocess_repa
 from sfd_jax.models.layers import posterior_sample
 from sfd_jax.models.texture_vae import AutoencoderKL
-from sfd_jax.training import (checkpoint as ckpt_lib, config as config_lib, evaluation, loop, metrics as metrics_lib,
-                              semvae as semvae_lib, tasks)
+from sfd_jax.training import (
+  checkpoint as ckpt_lib,
+  config as config_lib,
+  evaluation,
+  loop,
+  metrics as metrics_lib,
+  semvae as semvae_lib,
+  tasks,
+)
 
 NUM_CLASSES = 10
 GRID_TITLE_HEIGHT = 14  # pixels above a sample grid for the line naming its run

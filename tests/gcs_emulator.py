@@ -22,8 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from http import HTTPStatus
-from http import server as http_server
+from http import HTTPStatus, server as http_server
 from pathlib import Path
 
 from gcp_storage_emulator import server

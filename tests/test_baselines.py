@@ -162,6 +162,7 @@ def test_feature_extractor_takes_an_array_of_images_and_names_a_bad_one():
   """Samples held in memory are an image source as `open_images` reads them: a uint8 (N, H, W, 3) array gives the
   network's features of those images; any other array is one sentence."""
   import flax.linen as nn
+
   from sfd_jax.eval.features import FeatureExtractor
 
   class StandIn(nn.Module):  # the outputs FeatureExtractor reads from the Inception

@@ -71,6 +71,7 @@ def test_mfu_reads_the_table():
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   import jax
   from jax.experimental import topologies
+
   from sfd_jax.training import metrics
   v5e = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices[0]
   assert metrics.mfu(197e12 * 4 * 0.5, 1.0, 4, v5e) == pytest.approx(0.5)  # half of 4 × 197 TFLOP/s

@@ -11,10 +11,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+
 torch = pytest.importorskip("torch")  # the torch extra; only the Python 3.13 tier runs without it
 
-from sfd_jax.convert import files as convert
-from sfd_jax.convert import export
+from sfd_jax.convert import export, files as convert
 from sfd_jax.convert.dit import dit_kwargs, dit_to_torch
 from sfd_jax.convert.texture_vae import texture_vae_to_torch
 from sfd_jax.errors import UserError
@@ -161,7 +161,8 @@ def test_model_without_repa_converts_and_samples_also_as_guide(tmp_path):
 ], ids=["html_page", "garbage", "truncated_zip"])
 def test_bad_file_is_one_clear_error(tmp_path, content, message):
   (tmp_path / "0400000.pt").write_bytes(content)
-  result = run_convert("--kind=dit", "--preset=S", f"--checkpoint={tmp_path / '0400000.pt'}", f"--out={tmp_path / 'out'}")
+  result = run_convert("--kind=dit", "--preset=S", f"--checkpoint={tmp_path / '0400000.pt'}",
+                       f"--out={tmp_path / 'out'}")
   assert result.returncode == 2, result.stderr
   assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
   assert str(tmp_path / "0400000.pt") in result.stderr and message in result.stderr
@@ -172,7 +173,8 @@ def test_code_running_file_is_refused(tmp_path):
   marker = tmp_path / "ran"
   torch.save({"ema": {"pos_embed": torch.zeros(1, 4, 8)}, "opt": Calls(os.system, f"touch {marker}")},
              tmp_path / "0400000.pt")
-  result = run_convert("--kind=dit", "--preset=S", f"--checkpoint={tmp_path / '0400000.pt'}", f"--out={tmp_path / 'out'}")
+  result = run_convert("--kind=dit", "--preset=S", f"--checkpoint={tmp_path / '0400000.pt'}",
+                       f"--out={tmp_path / 'out'}")
   assert result.returncode == 2, result.stderr
   assert result.stderr.strip() == (
       f"error: refusing {tmp_path / '0400000.pt'}: unpickling it would call {os.system.__module__}.system, which runs "

@@ -14,6 +14,7 @@ from sfd_jax.convert import export
 from sfd_jax.data import latents
 from sfd_jax.models.texture_vae import AutoencoderKL
 from tests.golden import REPO, subprocess_env
+from tests.tiny import write_synthetic_latents
 
 SMOKE = str(REPO / "configs" / "smoke.py")
 CLIS = ("train", "train_semvae", "sample", "extract", "evaluate", "convert", "import_official", "demo")
@@ -113,12 +114,7 @@ def test_bad_flags_are_one_sentence(tmp_path, command, args, expected):
 
 
 def test_a_corrupt_latent_shard_is_named_with_how_to_rewrite_it(tmp_path):
-  spec = latents.record_spec(latent_size=4, texture_channels=32, semantic_channels=16, dino_tokens=16, dino_dim=32)
-  source = latents.SyntheticLatents(64, spec, num_classes=10)
-  writer = latents.LatentWriter(tmp_path / "data", 2, spec)
-  writer.write_shard(0, [source[i] for i in range(32)])
-  writer.write_shard(1, [source[i] for i in range(32, 64)])
-  writer.finish()
+  write_synthetic_latents(tmp_path / "data")
   shard = next(latents.find_dataset(tmp_path / "data").glob("*-00001-of-00002"))
   data = bytearray(shard.read_bytes())
   for k in range(200, 2000, 5):  # bytes changed on disk (a bad copy)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 torch = pytest.importorskip("torch")  # the torch extra; only the Python 3.13 tier runs without it
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 

@@ -46,7 +46,7 @@ def run_processes(workdir, processes: int, devices: int, *overrides):
 
 def losses(workdir):
   lines = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-  return {l["step"]: (l["loss"], l["grad_norm"]) for l in lines if "loss" in l}
+  return {record["step"]: (record["loss"], record["grad_norm"]) for record in lines if "loss" in record}
 
 
 def digest(path: Path) -> dict:

@@ -14,13 +14,14 @@ import sys
 import jax
 import numpy as np
 import pytest
+
 torch = pytest.importorskip("torch")  # the torch extra; only the Python 3.13 tier runs without it
 from PIL import Image
 
 from sfd_jax.convert.inception import FID_WEIGHTS_NAME, inception_to_torch, load_inception
+from sfd_jax.data.images import ArrayImages, open_images, read_images
 from sfd_jax.eval.evaluator import evaluate
 from sfd_jax.eval.features import Activations, FeatureExtractor
-from sfd_jax.data.images import ArrayImages, open_images, read_images
 from sfd_jax.eval.inception_score import inception_score
 from sfd_jax.eval.precision_recall import precision_recall
 from sfd_jax.eval.reference import write_reference

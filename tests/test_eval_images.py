@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sfd_jax.data.images import (CenterCropped, FolderImages, NpzImages, Subset, digest, image_shape, open_images,
-                                 read_images)
+from sfd_jax.data.images import (
+  CenterCropped,
+  FolderImages,
+  NpzImages,
+  Subset,
+  digest,
+  image_shape,
+  open_images,
+  read_images,
+)
 from sfd_jax.errors import UserError
 from sfd_jax.eval.reference import read_reference
 

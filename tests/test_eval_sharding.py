@@ -52,8 +52,8 @@ def _worker(out: Path, process: int | None, num_processes: int, port: int):
   import jax.numpy as jnp
 
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-  from sfd_jax.eval.features import FeatureExtractor
   from sfd_jax.data.images import ArrayImages
+  from sfd_jax.eval.features import FeatureExtractor
   from sfd_jax.eval.reference import write_reference
 
   class StandIn(nn.Module):

@@ -78,8 +78,9 @@ print(json.dumps({{"names": names, "metrics": (root / 'metrics.jsonl').read_text
   assert key(in_bucket) == key(at_home)  # resumed in the bucket = uninterrupted on disk, bit for bit
 
   # Sampling from the bucket's run into the bucket.
-  from sfd_jax.convert import export
   import jax
+
+  from sfd_jax.convert import export
   from sfd_jax.models.texture_vae import AutoencoderKL
   vae = AutoencoderKL(ch=32, ch_mult=(1,), num_res_blocks=0, attn_resolutions=(), resolution=4, z_channels=32,
                       embed_dim=32)
@@ -130,7 +131,8 @@ local = extract.extract(images.DigitsImages(), encoders, "{tmp_path}/local", set
 gcsfs.GCSFileSystem().get("{BUCKET}/data", "{tmp_path}/downloaded", recursive=True)
 got, want = latents.LatentSource("{tmp_path}/downloaded"), latents.LatentSource("{tmp_path}/local")
 same = len(got) == len(want) and all(
-    set(got[i]) == set(want[i]) and all(np.array_equal(got[i][k], want[i][k]) for k in want[i]) for i in range(len(want)))
+    set(got[i]) == set(want[i]) and all(np.array_equal(got[i][k], want[i][k]) for k in want[i])
+    for i in range(len(want)))
 print(json.dumps({{"records": remote["records"], "local": local["records"], "same": same,
                   "stats": got.stats == want.stats, "names": sorted(p.name for p in shards),
                   "redone": [p.stat().mtime for p in shards] != times}}))

@@ -15,8 +15,7 @@ from ml_collections import ConfigDict
 
 from sfd_jax import generate
 from sfd_jax.convert import export
-from sfd_jax.diffusion import sampler
-from sfd_jax.diffusion import schedule as schedule_lib
+from sfd_jax.diffusion import sampler, schedule as schedule_lib
 from sfd_jax.errors import UserError
 from sfd_jax.models.dit import LightningDiT
 from sfd_jax.models.texture_vae import AutoencoderKL

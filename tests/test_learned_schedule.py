@@ -12,14 +12,9 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from sfd_jax import generate, plots
-from sfd_jax import sharding as shd
-from sfd_jax.diffusion import loss as loss_lib
-from sfd_jax.diffusion import schedule as schedule_lib
-from sfd_jax.training import checkpoint as ckpt_lib
-from sfd_jax.training import config as config_lib
-from sfd_jax.training import state as state_lib
-from sfd_jax.training import step as step_lib
+from sfd_jax import generate, plots, sharding as shd
+from sfd_jax.diffusion import loss as loss_lib, schedule as schedule_lib
+from sfd_jax.training import checkpoint as ckpt_lib, config as config_lib, state as state_lib, step as step_lib
 from tests.golden import REPO, subprocess_env
 from tests.tiny import tiny_batch, tiny_config
 

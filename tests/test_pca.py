@@ -15,8 +15,7 @@ from sfd_jax.convert import export
 from sfd_jax.data import extract, images, latents, pca
 from sfd_jax.errors import UserError
 from sfd_jax.models.dinov2 import repa_features
-from sfd_jax.training import config as config_lib
-from sfd_jax.training import tasks
+from sfd_jax.training import config as config_lib, tasks
 from tests.golden import REPO, subprocess_env
 from tests.test_extract import _tiny_encoders
 

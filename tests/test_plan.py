@@ -17,11 +17,16 @@ import pytest
 pytest.importorskip("libtpu", reason="the planner compiles for TPU topologies with libtpu: pip install "
                                      "'jax[tpu]==0.10.2' (CI installs it with the test extra)")
 
-from sfd_jax import plan  # noqa: E402
+from sfd_jax import (
+  plan,  # noqa: E402
+  sharding as shd,  # noqa: E402
+)
 from sfd_jax.chips import chip_of  # noqa: E402
-from sfd_jax import sharding as shd  # noqa: E402
 from sfd_jax.errors import UserError  # noqa: E402
-from sfd_jax.training import config as config_lib, state as state_lib  # noqa: E402
+from sfd_jax.training import (
+  config as config_lib,  # noqa: E402
+  state as state_lib,
+)
 from tests.programs import tpu_kernel_calls  # noqa: E402
 from tests.tiny import tiny_config  # noqa: E402
 

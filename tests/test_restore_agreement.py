@@ -94,7 +94,7 @@ def both(mode: str, directory: str, envs, check: bool = True) -> tuple[list[dict
   finally:
     for w in workers:
       w.kill()
-  for worker, (out, err) in zip(workers, outputs):
+  for worker, (_out, err) in zip(workers, outputs):
     assert worker.returncode == 0 or not check, err[-4000:]
   results = [json.loads(out.strip().splitlines()[-1]) if check else None for out, _ in outputs]
   return results, [err for _, err in outputs]
@@ -181,11 +181,13 @@ def test_an_unreachable_bucket_is_one_sentence(tmp_path, command, endpoint):
 def test_each_client_failure_has_its_kind(tmp_path, monkeypatch):
   """The kinds of the errors the real clients raise (HTTP statuses as Cloud Storage documents them: 408, 429 and
   5xx are retried, 401 and 403 are credentials, 404 a missing object), some produced by the clients themselves."""
-  import aiohttp
   import asyncio
+
+  import aiohttp
   import requests
   import tensorstore as ts
   from gcsfs.retry import HttpError
+
   from sfd_jax import storage
 
   async def refused():

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 torch = pytest.importorskip("torch")  # the torch extra; only the Python 3.13 tier runs without it
 
 from safetensors.numpy import save_file
@@ -18,8 +19,8 @@ from safetensors.numpy import save_file
 from sfd_jax import sharding as shd
 from sfd_jax.convert import export
 from sfd_jax.data import features as features_lib, images as images_lib
-from sfd_jax.models import dinov2
 from sfd_jax.errors import UserError
+from sfd_jax.models import dinov2
 from sfd_jax.models.semvae import SemVAE
 from sfd_jax.training import loop, semvae, state as state_lib, step as step_lib
 from tests.golden import REPO

@@ -21,7 +21,8 @@ case "$1" in
   --version) echo "Python 3.{minor}.0" ;;
   -m) case "$2" in
         venv) mkdir -p "$3/bin" && cp "$0" "$3/bin/python" ;;
-        pip) [ "$*" = "-m pip install -q --user uv" ] && mkdir -p "$HOME/.local/bin" && cp "$UV_SHIM" "$HOME/.local/bin/uv" ;;
+        pip) [ "$*" = "-m pip install -q --user uv" ] && mkdir -p "$HOME/.local/bin" &&
+             cp "$UV_SHIM" "$HOME/.local/bin/uv" ;;
       esac ;;
 esac
 exit 0

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 torch = pytest.importorskip("torch")  # the torch extra; only the Python 3.13 tier runs without it
 
 from sfd_jax.convert import ConversionError, load_state_dict, load_texture_vae, select_state_dict, texture_vae_to_torch

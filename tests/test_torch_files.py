@@ -19,6 +19,7 @@ import zipfile
 
 import numpy as np
 import pytest
+
 torch = pytest.importorskip("torch")  # the torch extra; only the Python 3.13 tier runs without it
 
 from sfd_jax.convert.io import ConversionError, load_state_dict
@@ -156,8 +157,10 @@ def assert_same_tensors(ours: dict, theirs: dict):
 
 def random_weights(seed=0):
   g = torch.Generator().manual_seed(seed)
-  return {"blocks.0.attn.qkv.weight": torch.randn(24, 8, generator=g), "blocks.0.attn.qkv.bias": torch.randn(24, generator=g),
-          "y_embedder.embedding_table.weight": torch.randn(11, 8, generator=g), "pos_embed": torch.randn(1, 4, 8, generator=g)}
+  return {"blocks.0.attn.qkv.weight": torch.randn(24, 8, generator=g),
+          "blocks.0.attn.qkv.bias": torch.randn(24, generator=g),
+          "y_embedder.embedding_table.weight": torch.randn(11, 8, generator=g),
+          "pos_embed": torch.randn(1, 4, 8, generator=g)}
 
 
 def test_train_py_checkpoint_without_omegaconf(tmp_path, caplog):
@@ -238,7 +241,8 @@ def test_layouts_dtypes_and_shared_storages(tmp_path, legacy):
       "contiguous": base, "transposed": base.t(), "rows_with_offset": base[2:5], "strided": base[1::2, ::3],
       "column": base[:, 5], "expanded": torch.randn(8, generator=g).expand(3, 8), "scalar": torch.tensor(2.5),
       "empty": torch.zeros(0, 4), "bf16": torch.randn(5, 3, generator=g).to(torch.bfloat16),
-      "bf16_view": torch.randn(4, 6, generator=g).to(torch.bfloat16)[:, 1:4], "fp16": torch.randn(7, generator=g).half(),
+      "bf16_view": torch.randn(4, 6, generator=g).to(torch.bfloat16)[:, 1:4],
+      "fp16": torch.randn(7, generator=g).half(),
       "fp64": torch.randn(3, 2, generator=g, dtype=torch.float64), "int64": torch.arange(-5, 7).reshape(3, 4),
       "int32": torch.arange(9, dtype=torch.int32), "int8": torch.arange(-4, 4, dtype=torch.int8),
       "uint8": torch.arange(250, 256, dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
@@ -254,7 +258,8 @@ def test_layouts_dtypes_and_shared_storages(tmp_path, legacy):
     refs = {k: v for k, v in f.root["ema"].items() if isinstance(v, TensorRef)}
     assert len({refs[k].storage.key for k in ("contiguous", "transposed", "rows_with_offset", "strided")}) == 1
     raw = f.read({"bf16": refs["bf16"]})["bf16"]
-  assert raw.dtype.name == "bfloat16" and raw.view(np.int16).tobytes() == tensors["bf16"].view(torch.int16).numpy().tobytes()
+  assert raw.dtype.name == "bfloat16"
+  assert raw.view(np.int16).tobytes() == tensors["bf16"].view(torch.int16).numpy().tobytes()
 
 
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
@@ -273,7 +278,8 @@ def test_every_pickle_protocol(tmp_path, protocol):
 
 def test_big_endian_files(tmp_path):
   tensors = {"f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 3).to(torch.bfloat16),
-             "i64": torch.arange(6).reshape(2, 3), "c64": torch.randn(2, dtype=torch.complex64), "u8": torch.arange(4, dtype=torch.uint8)}
+             "i64": torch.arange(6).reshape(2, 3), "c64": torch.randn(2, dtype=torch.complex64),
+             "u8": torch.arange(4, dtype=torch.uint8)}
   torch.save(tensors, tmp_path / "little.pt")
   with TorchFile(tmp_path / "little.pt") as f:  # storage key → element size (per real/imaginary part)
     units = {r.storage.key: r.dtype.numpy.itemsize // (2 if r.dtype.numpy.kind == "c" else 1) for r in f.root.values()}
@@ -293,8 +299,9 @@ def test_big_endian_files(tmp_path):
 def test_only_the_chosen_entry_is_read(tmp_path, monkeypatch, legacy):
   """A checkpoint whose optimizer state is 64× its EMA weights: reading `ema` reads only the EMA storages."""
   ema = {f"blocks.{i}.weight": torch.randn(256, 256) for i in range(4)}  # 1 MiB
-  opt = {"state": {i: {"step": torch.tensor(7.0), "exp_avg": torch.ones(2048, 1024), "exp_avg_sq": torch.ones(2048, 1024)}
-                   for i in range(8)}, "param_groups": [{"lr": 1e-4, "params": list(range(8))}]}  # 64 MiB
+  opt = {"state": {i: {"step": torch.tensor(7.0), "exp_avg": torch.ones(2048, 1024),
+                       "exp_avg_sq": torch.ones(2048, 1024)} for i in range(8)},
+         "param_groups": [{"lr": 1e-4, "params": list(range(8))}]}  # 64 MiB
   path = tmp_path / "big_opt.pt"
   torch.save({"model": ema, "ema": ema, "opt": opt}, path, _use_new_zipfile_serialization=not legacy)
   assert path.stat().st_size > 64 << 20
@@ -380,7 +387,8 @@ def test_truncated_and_corrupt_files(tmp_path):
     path = tmp_path / f"cut_{legacy}.pt"
     torch.save({"ema": weights, "opt": {}}, path, _use_new_zipfile_serialization=not legacy)
     path.write_bytes(path.read_bytes()[:path.stat().st_size - 100])
-    with pytest.raises(ConversionError, match=rf"cannot read {path}: it is truncated or corrupt .*download or copy it again$"):
+    with pytest.raises(ConversionError,
+                       match=rf"cannot read {path}: it is truncated or corrupt .*download or copy it again$"):
       load_state_dict(path)
   flipped = tmp_path / "flipped.pt"
   torch.save({"ema": weights}, flipped)

@@ -47,9 +47,9 @@ def final_state(workdir):
 
 
 def losses(workdir):
-  lines = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-  return [(l["step"], l["loss"], l["loss_mse"], l["loss_cos"], l["loss_repa"], l["grad_norm"]) for l in lines
-          if "loss" in l]
+  records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return [(r["step"], r["loss"], r["loss_mse"], r["loss_cos"], r["loss_repa"], r["grad_norm"]) for r in records
+          if "loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_resume_on_another_mesh(smoke_run, tmp_path):
   assert "resumed from step 40" in result.stdout and "step 50/50" in result.stdout
   train(stayed, "total_steps=50", "log_every=1")
   assert [s for s, *_ in losses(moved)] == [10, 20, 30, 40, *range(41, 51)]
-  np.testing.assert_allclose([l[1:] for l in losses(moved)], [l[1:] for l in losses(stayed)], rtol=2e-5)
+  np.testing.assert_allclose([row[1:] for row in losses(moved)], [row[1:] for row in losses(stayed)], rtol=2e-5)
 
 
 def test_two_processes_match_one(tmp_path):
@@ -170,8 +170,8 @@ def test_two_processes_match_one(tmp_path):
     assert worker.returncode == 0, err[-3000:]
   (_, one), (_, two) = final_state(tmp_path / "one"), final_state(tmp_path / "two")
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), one.params, two.params)
-  np.testing.assert_allclose([l[1:] for l in losses(tmp_path / "one")], [l[1:] for l in losses(tmp_path / "two")],
-                             rtol=1e-5)
+  np.testing.assert_allclose([row[1:] for row in losses(tmp_path / "one")],
+                             [row[1:] for row in losses(tmp_path / "two")], rtol=1e-5)
 
 
 def _stopped_after_first_line(command, env=None):

@@ -10,9 +10,9 @@ import numpy as np
 from absl import flags
 
 from sfd_jax import sharding as shd
-from sfd_jax.data import latents
 from sfd_jax.training import checkpoint as ckpt_lib, config as config_lib, loop, state as state_lib, tasks
 from tests.golden import REPO
+from tests.tiny import write_synthetic_latents
 
 POISONED_STEP = 5  # the training step whose batch holds a NaN
 
@@ -74,12 +74,7 @@ def test_skip_policy_and_keep_period(tmp_path):
 def test_data_workers_give_the_batches_of_the_training_process(tmp_path):
   """data.num_workers > 0 (grain worker processes) reads the same batches, in the same order and from any start
   step, as reading in the training process."""
-  spec = latents.record_spec(latent_size=4, texture_channels=32, semantic_channels=16, dino_tokens=16, dino_dim=32)
-  source = latents.SyntheticLatents(64, spec, num_classes=10)
-  writer = latents.LatentWriter(tmp_path / "data", 2, spec)
-  writer.write_shard(0, [source[i] for i in range(32)])
-  writer.write_shard(1, [source[i] for i in range(32, 64)])
-  writer.finish()
+  write_synthetic_latents(tmp_path / "data")
   flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; outside absl.app.run nothing parsed them
   spec_ = importlib.util.spec_from_file_location("smoke", REPO / "configs" / "smoke.py")
   smoke = importlib.util.module_from_spec(spec_)

@@ -1,6 +1,7 @@
 """A tiny SFD training setup shared by the train-step tests (in-process and in subprocesses)."""
 import numpy as np
 
+from sfd_jax.data import latents
 from sfd_jax.training import config as config_lib
 
 
@@ -21,3 +22,16 @@ def tiny_batch(cfg, seed: int = 0):
   return {"x": rng.normal(size=(n, size, size, cfg.model.in_channels)).astype(np.float32),
           "y": rng.integers(0, cfg.model.num_classes, n).astype(np.int32),
           "dino": rng.normal(size=(n, tokens, cfg.model.repa_z_dim)).astype(np.float32)}
+
+
+def write_synthetic_latents(directory, records: int = 64, shards: int = 2):
+  """A latent dataset of `records` synthetic records in `shards` shards (the smoke config's layout: 4×4 latents,
+  32 texture + 16 semantic channels, 16 DINO tokens of 32)."""
+  spec = latents.record_spec(latent_size=4, texture_channels=32, semantic_channels=16, dino_tokens=16, dino_dim=32)
+  source = latents.SyntheticLatents(records, spec, num_classes=10)
+  writer = latents.LatentWriter(directory, shards, spec)
+  per_shard = records // shards
+  for k in range(shards):
+    writer.write_shard(k, [source[i] for i in range(k * per_shard, (k + 1) * per_shard)])
+  writer.finish()
+  return source

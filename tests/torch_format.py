@@ -18,7 +18,8 @@ import numpy as np
 
 _STORAGE_TYPES = {np.dtype(np.float64): "DoubleStorage", np.dtype(np.float32): "FloatStorage",
                   np.dtype(np.float16): "HalfStorage", np.dtype(np.int64): "LongStorage",
-                  np.dtype(np.int32): "IntStorage", np.dtype(np.uint8): "ByteStorage", np.dtype(np.bool_): "BoolStorage"}
+                  np.dtype(np.int32): "IntStorage", np.dtype(np.uint8): "ByteStorage",
+                  np.dtype(np.bool_): "BoolStorage"}
 
 
 class Name:
@@ -70,7 +71,7 @@ class _Pickler(pickle._Pickler):  # the Python pickler: its dispatch table takes
   dispatch = dict(pickle._Pickler.dispatch)
 
   def save_name(self, obj: Name):
-    self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode("utf-8"))
+    self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
     self.memoize(obj)
 
   dispatch[Name] = save_name

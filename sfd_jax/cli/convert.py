@@ -30,7 +30,8 @@ from sfd_jax.convert.files import convert_to_flax, convert_to_torch
 KINDS = ("dit", "texture_vae", "dinov2", "semvae", "stats")
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("kind", None, KINDS, "What the checkpoint holds.")
-flags.DEFINE_string("checkpoint", None, "The official file or Hugging Face directory (with --to_torch: an exported model directory).")
+flags.DEFINE_string("checkpoint", None, "The official file or Hugging Face directory (with --to_torch: an exported "
+                    "model directory).")
 flags.DEFINE_string("out", None, "Output directory (exported model), or .pt/.npz file (--to_torch), or .json (stats).")
 flags.DEFINE_string("preset", "XL", "DiT: official SFD size (S, B, L, XL, XXL/1p0B, 1p6B).")
 flags.DEFINE_string("model_kwargs", None, "DiT: official constructor kwargs as JSON, instead of --preset; "

@@ -23,7 +23,8 @@ from sfd_jax.generate import Settings, run
 from sfd_jax.models import layers
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "The SFD DiT: exported model directory, training workdir, or official .pt (ema weights).")
+flags.DEFINE_string("model", None, "The SFD DiT: exported model directory, training workdir, or official .pt "
+                    "(ema weights).")
 flags.DEFINE_integer("step", None, "With a training workdir as --model: the checkpoint step (default: the newest "
                      "complete one).", lower_bound=0)
 flags.DEFINE_string("vae", None, "The texture VAE: exported model directory, or the official SD-VAE f16d32 .ckpt.")

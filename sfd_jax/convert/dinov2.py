@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from sfd_jax.convert.common import Rule, conv, flax_from_torch, linear, norm, torch_from_flax
-from sfd_jax.convert.io import ConversionError, to_numpy, load_state_dict, select_state_dict
+from sfd_jax.convert.io import ConversionError, load_state_dict, select_state_dict, to_numpy
 from sfd_jax.models.dinov2 import PRESETS, DINOv2, dinov2
 
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

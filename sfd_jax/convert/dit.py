@@ -46,7 +46,8 @@ def dit_kwargs(official_kwargs: Mapping, **overrides) -> dict:
   """
   for name, value in _FIXED.items():
     if name in official_kwargs and bool(official_kwargs[name]) != value:
-      raise ConversionError(f"sfd_jax implements the SFD LightningDiT ({', '.join(f'{k}={v}' for k, v in _FIXED.items())});"
+      fixed = ", ".join(f"{k}={v}" for k, v in _FIXED.items())
+      raise ConversionError(f"sfd_jax implements the SFD LightningDiT ({fixed});"
                             f" this checkpoint has {name}={official_kwargs[name]}")
   unknown = set(official_kwargs) - set(_OFFICIAL_DEFAULTS) - _NOT_NETWORK - set(_FIXED)
   if unknown:

@@ -4,7 +4,6 @@ The logic behind `python -m sfd_jax.cli.convert`, importable without its flags.
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from sfd_jax import storage

@@ -1,9 +1,10 @@
 """Image sources and the ADM crops: what extraction, SemVAE training and evaluation read.
 
 A source is a random-access sequence of records `{"image": uint8 (H, W, 3) RGB, "label": int, "index": int}` at
-the image's own size, with `len`, a `name` and `where(i)` for messages, and `describe()` for provenance: a prepared tfds dataset
-read with `tfds.data_source` (no TensorFlow), a folder of images (ImageNet-style class folders give labels),
-an ADM `.npz` batch (streamed), an array, or scikit-learn's 8×8 digits upscaled (the demo's embedded data set).
+the image's own size, with `len`, a `name` and `where(i)` for messages, and `describe()` for provenance: a prepared
+tfds dataset read with `tfds.data_source` (no TensorFlow), a folder of images (ImageNet-style class folders give
+labels), an ADM `.npz` batch (streamed), an array, or scikit-learn's 8×8 digits upscaled (the demo's embedded data
+set).
 `Subset` and `CenterCropped` wrap a source. A record that cannot be decoded raises `UnreadableImage`, so a
 caller can skip and list it (extraction, training) or stop naming it (evaluation).
 

@@ -12,8 +12,8 @@ A dataset is a directory that `tfds.data_source` / `tfds.builder_from_directory`
 
 plus `stats.json` (per-channel mean and unbiased std of the un-flipped texture and semantic latents, and the
 number of samples) and `meta.json` (the encoders, their digests, resolution, crop and skipped images that
-produced it). Shapes follow the resolution. It is written without TensorFlow, shard by shard, each shard atomically (a half-written shard
-never looks finished), so an extraction can stop anywhere and resume.
+produced it). Shapes follow the resolution. It is written without TensorFlow, shard by shard, each shard atomically
+(a half-written shard never looks finished), so an extraction can stop anywhere and resume.
 
 The pipeline (grain) shuffles with a seed (a new order every epoch, no repeats inside one), picks the stored
 flipped copy with probability 1/2 per sample, normalises with the dataset's stats, concatenates
@@ -97,7 +97,7 @@ class ChannelStats:
     other.m2 = ((x - other.mean) ** 2).sum(0)
     self.merge(other)
 
-  def merge(self, other: "ChannelStats"):
+  def merge(self, other: ChannelStats):
     n = self.count + other.count
     if other.count:
       delta = other.mean - self.mean
@@ -129,7 +129,7 @@ class ShardWriter:
   """Records of one shard being written (to a local file that `LatentWriter.shard` publishes) with their running
   channel statistics."""
 
-  def __init__(self, writer: "LatentWriter", shard: int, local: Path):
+  def __init__(self, writer: LatentWriter, shard: int, local: Path):
     from array_record.python.array_record_module import ArrayRecordWriter
     self.writer, self.shard = writer, shard
     self.count, self.skipped = 0, []

@@ -20,10 +20,23 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from sfd_jax.errors import UserError
+from sfd_jax.models.layers import (
+  ATTENTION,
+  MATMUL_PRECISIONS,
+  NormWeight,
+  RMSNorm,
+  SwiGLU,
+  attention,
+  compare_attention,
+  dense,
+  matmul_precision,
+  modulate,
+  rope_2d,
+  sincos_2d,
+  swiglu_hidden,
+  timestep_embedding,
+)
 from sfd_jax.sharding import batch_devices, constrain_batch, fsdp_size, gather, traced_with_mesh
-from sfd_jax.models.layers import (ATTENTION, MATMUL_PRECISIONS, NormWeight, RMSNorm, SwiGLU, attention,
-                                   compare_attention, dense, matmul_precision, modulate, rope_2d, sincos_2d,
-                                   swiglu_hidden, timestep_embedding)
 
 Dtype = Any
 
@@ -336,8 +349,8 @@ class LightningDiT(nn.Module):
 
 def check_attention(model: LightningDiT, variables, x, t_tex, t_sem, y, mesh, gradients: bool, where: str):
   """Runs the first attention of `model` on the first sample per device of these inputs (a real batch) with the
-  model's attention and with XLA's, under `mesh` as the steps run, and stops (`layers.compare_attention`) if the outputs, and with
-  `gradients` the gradients of qkv and of the QK-norm weights, differ beyond bfloat16 rounding.
+  model's attention and with XLA's, under `mesh` as the steps run, and stops (`layers.compare_attention`) if the
+  outputs, and with `gradients` the gradients of qkv and of the QK-norm weights, differ beyond bfloat16 rounding.
 
   One block's forward (and backward) pass: a fraction of a second, once per run, for the way back from a kernel
   that is wrong on the chip it runs on (the kernels are tested elsewhere only as interpreted jaxpr)."""

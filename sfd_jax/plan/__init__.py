@@ -13,3 +13,7 @@ from sfd_jax.plan.programs import Program, extract_program, sample_programs, tra
 from sfd_jax.plan.report import format_candidate, format_program
 from sfd_jax.plan.roofline import compile_program, executable, plan, plan_summary, state_bytes
 from sfd_jax.plan.topology import topology_string, tpu_devices
+
+__all__ = ["HloCosts", "Program", "analyse_hlo", "compile_program", "executable", "extract_program",
+           "format_candidate", "format_program", "plan", "plan_summary", "sample_programs", "search", "state_bytes",
+           "topology_string", "tpu_devices", "train_program"]

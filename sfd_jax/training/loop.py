@@ -21,8 +21,13 @@ import jax
 from sfd_jax import sharding as shd, storage
 from sfd_jax.console import say
 from sfd_jax.errors import Preempted, UserError
-from sfd_jax.training import (checkpoint as ckpt_lib, config as config_lib, metrics as metrics_lib, state as state_lib,
-                              step as step_lib)
+from sfd_jax.training import (
+  checkpoint as ckpt_lib,
+  config as config_lib,
+  metrics as metrics_lib,
+  state as state_lib,
+  step as step_lib,
+)
 
 
 class NonFiniteLossError(UserError):

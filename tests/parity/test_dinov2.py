@@ -12,6 +12,7 @@ import re
 import jax
 import numpy as np
 import pytest
+
 torch = pytest.importorskip("torch")  # the torch extra; only the Python 3.13 tier runs without it
 import torch.nn.functional as F
 from safetensors.numpy import save_file

@@ -17,6 +17,7 @@ import json
 
 import numpy as np
 import pytest
+
 torch = pytest.importorskip("torch")  # the torch extra; only the Python 3.13 tier runs without it
 import torch.nn.functional as F
 import yaml

@@ -9,12 +9,12 @@ so every layer carries O(1) activations and the 1e-4 tolerance is meaningful.
 import jax
 import numpy as np
 import pytest
+
 torch = pytest.importorskip("torch")  # the torch extra; only the Python 3.13 tier runs without it
 import torch.nn.functional as F
 from torch import nn
 
-from sfd_jax.convert.inception import (FID_WEIGHTS_NAME, inception_from_state_dict, inception_to_torch,
-                                       load_inception)
+from sfd_jax.convert.inception import FID_WEIGHTS_NAME, inception_from_state_dict, inception_to_torch, load_inception
 from sfd_jax.convert.io import ConversionError
 from sfd_jax.data.images import ArrayImages
 from sfd_jax.eval.features import FeatureExtractor

@@ -28,7 +28,11 @@ import flax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sfd_jax import sharding as shd  # noqa: E402
-from sfd_jax.training import config as config_lib, state as state_lib, step as step_lib  # noqa: E402
+from sfd_jax.training import (
+  config as config_lib,  # noqa: E402
+  state as state_lib,
+  step as step_lib,
+)
 from tests.tiny import tiny_batch, tiny_config  # noqa: E402
 
 out = {}
