@@ -440,7 +440,7 @@ def ablation(demo: demo_lib.Demo, runs: list[Run], size: Size, out: Path, prefix
   floor = fid.frechet_distance(fid.statistics(train_features.astype(np.float64)),
                                fid.statistics(reference.astype(np.float64)), method="eigh")
   _, heldout_accuracy = demo_lib.real_features(demo, classifier, params)
-  results = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+  results = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
              "size": dataclasses.asdict(size),
              "classifier_heldout_accuracy": heldout_accuracy, "rtol": demo.cfg.eval.rtol,
              "batch_size": demo.cfg.batch_size, "train_digits": len(demo.train_images),

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 from absl import flags
 
+from benchmarks import ablation
 from sfd_jax import demo as demo_lib
 from sfd_jax.convert import export
 from sfd_jax.diffusion import schedule as schedule_lib
 from sfd_jax.models.texture_vae import AutoencoderKL
 from sfd_jax.training import config as config_lib
-
-from benchmarks import ablation
 
 flags.FLAGS.mark_as_parsed()
 
