@@ -411,6 +411,8 @@ def test_truncated_and_corrupt_files(tmp_path):
     load_state_dict(tmp_path / "missing.pt")
 
 
+# The test writes a TorchScript archive, one of the files users hand in by mistake; torch deprecates making them.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_files_that_are_not_state_dicts(tmp_path):
   torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
   with pytest.raises(ConversionError, match=r"holds a pickled torch.nn.modules.linear.Linear object, not a dict"):

@@ -73,7 +73,8 @@ def test_schedules():
   clipped = config_lib.base_config().optim
   clipped.max_grad_norm = 1.0
   tx = state_lib.make_optimizer(clipped)
-  updates, _ = tx.update({"w": np.full(4, 100.0)}, tx.init({"w": np.zeros(4)}), {"w": np.zeros(4)})
+  zeros = {"w": np.zeros(4, np.float32)}
+  updates, _ = tx.update({"w": np.full(4, 100.0, np.float32)}, tx.init(zeros), zeros)
   assert optax.tree.norm(updates) < 1e-3
 
 
