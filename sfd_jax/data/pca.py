@@ -4,7 +4,8 @@ A fitted PCA maps a DINO token x (D,) to k channels z = components · ((x − me
 per dimension by the mean and std of the fitting sample (a constant dimension keeps std 1, as sklearn's
 StandardScaler), and the components are the top-k eigenvectors of the standardised tokens' covariance (their
 correlation matrix), largest eigenvalue first, each signed so that its entry of largest magnitude is positive
-(sklearn's `svd_flip` convention): the same sample always gives the same numbers. The fit is exact, not
+(sklearn's `svd_flip` convention; of entries equal in magnitude up to rounding, the first): the same sample always
+gives the same numbers. The fit is exact, not
 randomised: the mean and centred scatter are accumulated in float64 over every token of the sample (merged batch by
 batch, Chan et al.) and the correlation matrix is eigendecomposed (`numpy.linalg.eigh`).
 
@@ -115,8 +116,11 @@ def fit(token_batches: Iterable, channels: int, *, dino_sha256: str | None = Non
   values, vectors = np.linalg.eigh(covariance / np.outer(std, std))  # ascending eigenvalues
   order = np.argsort(values)[::-1][:channels]
   components = vectors[:, order].T
-  largest = components[np.arange(channels), np.abs(components).argmax(1)]
-  components = components * np.sign(largest)[:, None]
+  # The first entry within rounding of the largest magnitude: entries of equal size (a component (e_i − e_j)/√2)
+  # would otherwise leave the sign to the last bits of eigh's output, which differ between numpy builds.
+  magnitude = np.abs(components)
+  leading = np.argmax(magnitude >= magnitude.max(1, keepdims=True) * (1 - 1e-6), axis=1)
+  components = components * np.sign(components[np.arange(channels), leading])[:, None]
   explained = values[order]
   return PCA(mean=moments.mean.astype(np.float32), std=std.astype(np.float32),
              components=components.astype(np.float32), explained_variance=explained.astype(np.float32),
